@@ -1,0 +1,3 @@
+from saex.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The `saex` command: one subcommand per stage, plus `demo` and `zoo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saex import __version__
+from saex import config as configs
+
+
+@dataclass
+class ZooConfig:
+    action: Literal["list", "train", "path"] = field(default="list", metadata={"positional": True})
+    """list the embedded models, train one, or print the folder it loads from."""
+    name: str | None = field(default=None, metadata={"positional": True})
+    """Zoo model (for train and path)."""
+    data_path: str | None = None
+    """Fashion-MNIST folder when not in its default place (train fmnist-vit)."""
+
+
+def run_zoo(cfg: ZooConfig) -> None:
+    from saex.models.zoo import ZOO
+
+    if cfg.action == "list":
+        for entry in ZOO.values():
+            try:
+                where = str(entry.locate())
+            except FileNotFoundError as e:
+                where = f"not available: {e}"
+            print(f"{entry.name:12s} {entry.description}\n{'':12s} {where}")
+        return
+    if cfg.name not in ZOO:
+        raise ValueError(f"unknown zoo model {cfg.name!r}; the zoo has {sorted(ZOO)}")
+    entry = ZOO[cfg.name]
+    if cfg.action == "path":
+        print(entry.locate())
+    elif entry.train is None:
+        raise ValueError(f"{cfg.name} is packaged, not trained by saex; zoo models saex trains: "
+                         f"{sorted(n for n, e in ZOO.items() if e.train)}")
+    else:
+        entry.train(data_path=cfg.data_path)
+
+
+def _harvest_cmd():
+    from saex.harvest import HarvestConfig, harvest
+
+    return HarvestConfig, harvest
+
+
+def _demo_cmd():
+    from saex.demo import DemoConfig, demo
+
+    return DemoConfig, demo
+
+
+# name -> (help, loader of (config class, function)); stages yet to come say so when run
+COMMANDS = {
+    "harvest": ("Capture a model's activations over a dataset into RUN/acts/.", _harvest_cmd),
+    "train": ("Train sparse autoencoders on a run's activations.", None),
+    "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", None),
+    "index": ("Build the feature index (top examples, densities) for the explorer.", None),
+    "explore": ("Serve the feature explorer web app for a run.", None),
+    "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
+             _demo_cmd),
+    "zoo": ("List, train or locate the embedded default models.", lambda: (ZooConfig, run_zoo)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saex", description="Train, evaluate and explore sparse autoencoders "
+                                     "on vision and language transformers.")
+    parser.add_argument("--version", action="version", version=f"saex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, loader) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           )
+        if loader is not None:
+            configs.add_arguments(p, loader()[0])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    loader = COMMANDS[args.command][1]
+    if loader is None:
+        print(f"saex {args.command}: this stage is not built yet; `saex harvest` and `saex zoo` work today",
+              file=sys.stderr)
+        return 2
+    cls, fn = loader()
+    try:
+        fn(configs.from_args(cls, args))
+    except KeyboardInterrupt:
+        print(f"\nsaex {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, IndexError, ImportError) as e:
+        if os.environ.get("SAEX_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"saex {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

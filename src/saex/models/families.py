@@ -1,0 +1,69 @@
+"""The model families saex knows: how to find their transformer trunk, blocks and MLP output.
+
+One table instead of one class per family: every family is a transformer whose blocks sit in a
+ModuleList and whose MLP output is a named sub-module of each block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from saex.data.base import Modality
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    modality: Modality
+    model_types: tuple[str, ...]
+    has_cls: bool = True  # vision: the first token is a class token
+    dual_tower: bool = False  # CLIP/SigLIP full models: run the vision tower, keep the text tower
+    causal: bool = False
+
+
+FAMILIES = (
+    Family("clip", "image", ("clip", "clip_vision_model"), dual_tower=True),
+    Family("siglip", "image", ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model"),
+           has_cls=False, dual_tower=True),
+    Family("vit", "image", ("vit",)),
+    Family("dinov2", "image", ("dinov2",)),
+    Family("bert", "text", ("bert", "roberta", "xlm-roberta", "electra", "camembert")),
+    Family("gpt2", "text", ("gpt2",), causal=True),
+    Family("llama", "text", ("llama", "mistral", "qwen2", "qwen3"), causal=True),
+)
+# What each block adds to the residual stream through its MLP, first match wins: DINOv2 scales the
+# MLP output (layer_scale2); BERT's (and old ViT's) `output.dense` precedes the residual add.
+MLP_OUT_MODULES = ("layer_scale2", "mlp", "output.dense")
+
+
+def family_of(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"model type {model_type!r} is not supported; supported model types: {supported}")
+
+
+def backbone_of(model: nn.Module, family: Family) -> nn.Module:
+    """The module whose forward pass runs the hooked blocks (the vision tower for CLIP/SigLIP)."""
+    if family.dual_tower and hasattr(model, "vision_model"):
+        return model.vision_model
+    return getattr(model, "base_model", model)
+
+
+def blocks_of(backbone: nn.Module, n_layers: int) -> nn.ModuleList:
+    for _, module in backbone.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"{type(backbone).__name__} has no list of {n_layers} transformer blocks")
+
+
+def mlp_out_of(block: nn.Module) -> nn.Module:
+    for path in MLP_OUT_MODULES:
+        try:
+            return block.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(block).__name__} has none of the MLP output modules {MLP_OUT_MODULES}")

@@ -1,0 +1,119 @@
+"""Reads an activation store: in order, as a shuffled stream for training, or by row index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saex.store.files import mmap_tensor, read_header, sha256_file
+from saex.store.manifest import ACTS_PREFIX, acts_column, load_manifest
+
+
+class ActivationStore:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        self.shards = self.manifest["shards"]
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # first row of each shard
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def hooks(self) -> list[str]:
+        return [c[len(ACTS_PREFIX):] for c in self.manifest["columns"] or {} if c.startswith(ACTS_PREFIX)]
+
+    def d(self, hook: str) -> int:
+        return self.manifest["columns"][self.acts(hook)]["shape"][0]
+
+    def acts(self, hook: str | None = None) -> str:
+        """The column of a hook point's activations (the only hook when the store has one)."""
+        hooks = self.hooks
+        if hook is None:
+            if len(hooks) != 1:
+                raise ValueError(f"{self.folder} holds several hook points {hooks}; name one")
+            hook = hooks[0]
+        if hook not in hooks:
+            raise KeyError(f"{self.folder} has no activations for hook {hook!r}; it has {hooks}")
+        return acts_column(hook)
+
+    def _path(self, shard: int) -> Path:
+        return self.folder / self.shards[shard]["file"]
+
+    def shard(self, shard: int, column: str) -> torch.Tensor:
+        """One column of one shard, memory-mapped."""
+        return mmap_tensor(self._path(shard), column)
+
+    def example_ids(self, shard: int) -> list[str]:
+        header, _ = read_header(self._path(shard))
+        return json.loads(header["__metadata__"]["example_ids"])
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest."""
+        for i, s in enumerate(self.shards):
+            if sha256_file(self._path(i)) != s["sha256"]:
+                raise ValueError(f"{self._path(i)} does not match the sha256 in the manifest; the shard is corrupt")
+
+    def iter_ordered(self, columns: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of rows in store order (the last one may be short)."""
+        pending: list[dict[str, torch.Tensor]] = []
+        n = 0
+        for i in range(len(self.shards)):
+            part = {c: self.shard(i, c) for c in columns}
+            pending.append(part)
+            n += len(part[columns[0]])
+            while n >= batch_size:
+                merged = {c: torch.cat([p[c] for p in pending]) for c in columns}
+                yield {c: v[:batch_size].clone() for c, v in merged.items()}
+                pending, n = [{c: v[batch_size:] for c, v in merged.items()}], n - batch_size
+        if n:
+            yield {c: torch.cat([p[c] for p in pending]).clone() for c in columns}
+
+    def iter_shuffled(self, column: str, batch_size: int, seed: int = 0, window_rows: int = 1 << 20,
+                      skip_batches: int = 0) -> Iterator[torch.Tensor]:
+        """An endless stream of shuffled batches, epoch after epoch.
+
+        Each epoch visits the shards in a fresh random order, loads windows of about `window_rows`
+        rows, shuffles each window (rows left over from one window join the next) and yields full
+        batches. The stream is a function of `seed` alone; `skip_batches` resumes it part-way.
+        """
+        if len(self) < batch_size:
+            raise ValueError(f"the store has {len(self)} rows, fewer than one batch of {batch_size}")
+        epoch, carry, emitted = 0, None, 0
+        while True:
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(len(self.shards))
+            start = 0
+            while start < len(order):
+                stop, rows = start, 0
+                while stop < len(order) and (rows == 0 or rows + self.shards[order[stop]]["rows"] <= window_rows):
+                    rows += self.shards[order[stop]]["rows"]
+                    stop += 1
+                window = torch.cat(([carry] if carry is not None else []) +
+                                   [self.shard(int(i), column) for i in order[start:stop]])
+                window = window[torch.from_numpy(rng.permutation(len(window)))]
+                full = len(window) // batch_size * batch_size
+                for b in range(0, full, batch_size):
+                    if emitted >= skip_batches:
+                        yield window[b:b + batch_size]
+                    emitted += 1
+                carry = window[full:]
+                start = stop
+            epoch += 1
+
+    def take(self, column: str, rows: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+        """Rows by global index, in the order asked (random access through the memory maps)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row indices must lie in [0, {len(self)}); got {rows.min()}..{rows.max()}")
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        spec = self.manifest["columns"][column]
+        out = torch.empty((len(rows), *spec["shape"]), dtype=getattr(torch, spec["dtype"]))
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            out[torch.from_numpy(sel)] = self.shard(int(s), column)[torch.from_numpy(rows[sel] - self.offsets[s])]
+        return out

@@ -1,0 +1,21 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_models import TINY_FAMILIES, save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """family name -> folder holding a tiny randomly initialised model of that family."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: save_tiny(name, root / name) for name in TINY_FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from saex import config
+from saex.cli import build_parser, main
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "saex", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("harvest", "train", "eval", "index", "explore", "demo", "zoo"):
+        assert f"    {command} " in out
+
+
+def test_flags_come_from_the_config_with_docstring_help():
+    text = build_parser()._subparsers._group_actions[0].choices["harvest"].format_help()
+    assert "--max-examples MAX_EXAMPLES" in text and "Harvest at most this many examples." in text
+    assert "--dtype {bfloat16,float16}" in text and "--strict, --no-strict" in text
+
+
+@dataclass
+class _Cfg:
+    name: str
+    """The name."""
+    n: int = 3
+    """How many."""
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+    items: list[str] = field(default_factory=lambda: ["x"])
+    maybe: float | None = None
+
+
+def test_config_parsing_roundtrip(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    config.add_arguments(p, _Cfg)
+    cfg = config.from_args(_Cfg, p.parse_args(["--name", "z", "--n", "5", "--flag", "--items", "p", "q", "--maybe", "0.5"]))
+    assert cfg == _Cfg("z", 5, "a", True, ["p", "q"], 0.5)
+    assert config.from_args(_Cfg, p.parse_args(["--name", "z"])).items == ["x"]
+    config.save(cfg, tmp_path / "c.json")
+    assert config.load(_Cfg, tmp_path / "c.json") == cfg
+    with pytest.raises(SystemExit):
+        p.parse_args(["--name", "z", "--mode", "c"])
+    assert config.field_docs(_Cfg) == {"name": "The name.", "n": "How many."}
+
+
+def test_stages_not_built_yet_say_so(capsys):
+    assert main(["train"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_zoo_list(capsys):
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm" in out and "fmnist-vit" in out
+    assert main(["zoo", "train", "minilm"]) == 2
+    assert "packaged, not trained by saex" in capsys.readouterr().err
