@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean docs
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +16,6 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+docs: setup
+	COLUMNS=100 $(VENV)/bin/python -c "from saex.cli import markdown_reference; print(markdown_reference(), end='')" > docs/cli.md

@@ -59,3 +59,13 @@ def test_zoo_list(capsys):
     assert "minilm" in out and "fmnist-vit" in out
     assert main(["zoo", "train", "minilm"]) == 2
     assert "packaged, not trained by saex" in capsys.readouterr().err
+
+
+def test_cli_reference_in_docs_is_current(monkeypatch):
+    from pathlib import Path
+
+    from saex.cli import markdown_reference
+
+    monkeypatch.setenv("COLUMNS", "100")
+    docs = Path(__file__).parents[1] / "docs" / "cli.md"
+    assert docs.read_text() == markdown_reference(), "docs/cli.md is stale: run `make docs`"

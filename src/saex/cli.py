@@ -104,3 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saex {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def markdown_reference() -> str:
+    """docs/cli.md, generated from the parser so that it cannot drift from the code (`make docs`)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = ["# Command reference", "", "Generated from `saex --help` by `make docs`; do not edit by hand.", ""]
+    for name, p in sub.choices.items():
+        lines += [f"## saex {name}", "", COMMANDS[name][0], ""]
+        if COMMANDS[name][1] is None:
+            lines += ["Not built yet: this stage arrives with a later release.", ""]
+            continue
+        lines += ["```", p.format_usage().strip().removeprefix("usage: "), "```", ""]
+        lines += ["| flag | help |", "|---|---|"]
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.metavar or action.dest}`"
+            lines.append(f"| {flag} | {(action.help or '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)

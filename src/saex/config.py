@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         kw: dict = {"help": docs.get(f.name, "")}
-        if has_default and default is not None and tp is not bool:
+        if has_default and default not in (None, [], "") and tp is not bool:
             kw["help"] += f" (default: {default})"
         origin = typing.get_origin(tp)
         if tp is bool:

@@ -1,0 +1,29 @@
+"""Sparse codes in top-k form: every architecture's encode returns one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Code:
+    values_BK: torch.Tensor  # activations of the kept latents (zeros pad rows with fewer)
+    indices_BK: torch.Tensor  # their latent indices, int64
+    d_sae: int
+
+    @staticmethod
+    def from_dense(f_BS: torch.Tensor) -> "Code":
+        k = max(int((f_BS != 0).sum(-1).max()) if f_BS.numel() else 0, 1)
+        values, indices = f_BS.topk(k, dim=-1, sorted=False)
+        return Code(values, indices, f_BS.shape[-1])
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(*self.values_BK.shape[:-1], self.d_sae, dtype=self.values_BK.dtype,
+                          device=self.values_BK.device)
+        return out.scatter_(-1, self.indices_BK, self.values_BK)
+
+    def l0(self) -> torch.Tensor:
+        """Active latents per row."""
+        return (self.values_BK != 0).sum(-1)

@@ -1,0 +1,60 @@
+"""What defines an SAE: its sizes, its architecture and that architecture's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "prolu")
+
+
+@dataclass
+class SAEConfig:
+    d_in: int = 0
+    """Width of the activations (set from the store)."""
+    d_sae: int = 0
+    """Number of latents (0: expansion x d_in)."""
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "prolu"] = "topk"
+    """Activation function and sparsity loss."""
+    k: int = 32
+    """TopK/BatchTopK: active latents per token (BatchTopK: on average)."""
+    sparsity_coefficient: float = 5.0
+    """lambda of the sparsity penalty: L1 (relu, gated, prolu) or L0 (jumprelu); unused by topk/batchtopk."""
+    l1_variant: Literal["classic", "april"] = "april"
+    """relu: classic (unit-norm decoder rows, plain L1) or april (L1 weighted by decoder row norms, free norms)."""
+    prolu_grad: Literal["ste", "relu"] = "ste"
+    """ProLU: the bias/magnitude gradients of seed 003 (ste) or plain ReLU-like ones (relu)."""
+    aux_k: int = 0
+    """TopK/BatchTopK: AuxK latents drawn from the dead ones (0: d_in // 2; -1: no AuxK)."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    multi_topk: bool = False
+    """TopK: add the loss at 4k latents, weighted 1/8 (Multi-TopK)."""
+    matryoshka: Literal["none", "fixed", "random"] = "none"
+    """TopK/BatchTopK: nested prefix losses over fixed groups or random prefix lengths."""
+    matryoshka_groups: list[float] = field(default_factory=lambda: [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2])
+    """Fixed Matryoshka groups as fractions of d_sae (their sum is 1)."""
+    matryoshka_prefixes: int = 10
+    """Random Matryoshka: prefix lengths sampled per step."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU: width of the rectangle kernel of the straight-through gradients."""
+    jumprelu_threshold: float = 0.1
+    """JumpReLU: initial threshold of every latent."""
+    ghost_grads: bool = False
+    """relu: ghost gradients for dead latents (seed 002)."""
+    batchtopk_momentum: float = 0.01
+    """BatchTopK: step of the running estimate of the inference threshold."""
+
+    def validate(self) -> "SAEConfig":
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {list(ARCHITECTURES)}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be >= 1, got {self.d_in} and {self.d_sae}")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must lie in [1, d_sae={self.d_sae}], got {self.k}")
+        if self.matryoshka != "none" and self.architecture not in ("topk", "batchtopk"):
+            raise ValueError(f"matryoshka works with topk or batchtopk, not {self.architecture!r}")
+        if self.matryoshka == "fixed" and abs(sum(self.matryoshka_groups) - 1) > 1e-6:
+            raise ValueError(f"matryoshka_groups must sum to 1, got {self.matryoshka_groups} "
+                             f"(sum {sum(self.matryoshka_groups)})")
+        return self
