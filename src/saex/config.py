@@ -86,7 +86,7 @@ def to_dict(cfg) -> dict:
 
 
 def save(cfg, path: Path) -> None:
-    from saex.store.files import atomic_write_json
+    from saex.atomic import atomic_write_json
 
     atomic_write_json(Path(path), {"type": type(cfg).__name__, **to_dict(cfg)})
 

@@ -1,16 +1,16 @@
-"""Files that appear whole: write to a temporary name, fsync, rename. Plus memory-mapped safetensors."""
+"""Shard files: atomic safetensors writes with their sha256, and memory-mapped reads."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from saex.atomic import atomic_write_bytes
 
 # safetensors dtype names -> (numpy storage dtype, torch dtype)
 _DTYPES = {
@@ -19,25 +19,6 @@ _DTYPES = {
     "I16": (np.int16, torch.int16), "U8": (np.uint8, torch.uint8), "I8": (np.int8, torch.int8),
     "BOOL": (np.bool_, torch.bool),
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from saex.store.files import atomic_save_tensors, atomic_write_json
+from saex.atomic import atomic_write_json
+from saex.store.files import atomic_save_tensors
 from saex.store.manifest import FORMAT, MANIFEST, load_manifest
 
 

@@ -75,7 +75,7 @@ def accuracy(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 10
 def train(out: Path, recipe: FmnistVitRecipe | None = None, data_path: str | None = None,
           log=print) -> dict:
     """Train fmnist-vit and save it (config, weights, image processor) in `out`, atomically."""
-    from saex.models.zoo.files import atomic_folder
+    from saex.atomic import atomic_folder
 
     recipe = recipe or FmnistVitRecipe()
     torch.manual_seed(recipe.seed)

@@ -1,0 +1,77 @@
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024), with AuxK, Multi-TopK and Matryoshka."""
+
+from __future__ import annotations
+
+import torch
+
+from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
+from saex.sae.arch.matryoshka import matryoshka_loss
+from saex.sae.code import Code
+
+
+class TopK(Architecture):
+    saelens_name = "topk"
+
+    def select(self, z_BS: torch.Tensor, k: int) -> Code:
+        values, indices = z_BS.topk(k, dim=-1, sorted=False)
+        return Code(torch.relu(values), indices, z_BS.shape[-1])
+
+    def encode(self, sae, x_BD) -> Code:
+        return self.select(sae.pre_acts(x_BD), self.cfg.k)
+
+    def training_code(self, z_BS: torch.Tensor) -> Code:
+        return self.select(z_BS, self.cfg.k)
+
+    def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
+        z_BS = sae.pre_acts(x_BD)
+        code = self.training_code(z_BS)
+        x_hat = sae.decode(code)
+        losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
+                          else sum_sq(x_BD, x_hat))}
+        if self.cfg.multi_topk:
+            losses["multi_topk"] = sum_sq(x_BD, sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
+        if self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any()):
+            losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, z_BS, ctx.dead_S, self.cfg)
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x_BD.device)
+        fired[code.indices_BK[code.values_BK > 0]] = True
+        return TrainOutput(x_hat, losses, fired, code.l0().float().mean())
+
+
+class BatchTopK(TopK):
+    """Keeps the top k*B activations of the whole batch; infers with one global threshold (a JumpReLU)."""
+
+    saelens_name = "jumprelu"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def training_code(self, z_BS: torch.Tensor) -> Code:
+        f = torch.relu(z_BS)
+        flat = f.flatten()
+        kept = flat.topk(min(self.cfg.k * z_BS.shape[0], flat.numel()), sorted=False)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[kept.indices] = True
+        f = f * mask.view_as(f)
+        if self.training:
+            positive = kept.values[kept.values > 0]
+            if positive.numel():
+                m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
+                self.threshold.mul_(1 - m).add_(m * positive.min().detach().float())
+        return Code.from_dense(f)
+
+    def encode(self, sae, x_BD) -> Code:
+        z = sae.pre_acts(x_BD)
+        return Code.from_dense(z * (z > self.threshold))
+
+    def inference_state(self, sae):
+        return "jumprelu", {"threshold": self.threshold.expand(sae.d_sae).clone()}
+
+
+def auxk_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, cfg) -> torch.Tensor:
+    """Dead latents reconstruct the residual: ||e - W_dec TopK_aux(z_dead)||^2 / Var(e)."""
+    e = (x_BD - x_hat_BD).detach()
+    k_aux = min(cfg.aux_k or sae.d_in // 2, int(dead_S.sum()))
+    values, indices = z_BS.masked_fill(~dead_S, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+    e_hat = sae.decode(Code(torch.relu(values), indices, sae.d_sae), bias=False)
+    return sum_sq(e, e_hat) / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)

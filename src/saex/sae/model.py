@@ -1,0 +1,79 @@
+"""The SAE: one module for every architecture. Parameters follow SAELens' names and shapes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saex.sae.arch import REGISTRY, TrainContext, TrainOutput
+from saex.sae.code import Code
+from saex.sae.config import SAEConfig
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, metadata: dict | None = None):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.d_in, self.d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.arch = REGISTRY[cfg.architecture](cfg)
+        self.metadata = dict(metadata or {})
+        self.init_tied(decoder_norm=0.1 if cfg.architecture in ("relu", "gated", "prolu", "jumprelu") else 1.0)
+
+    @torch.no_grad()
+    def init_tied(self, decoder_norm: float = 1.0, generator: torch.Generator | None = None) -> None:
+        """Random decoder rows of norm `decoder_norm`, encoder = decoder transposed (Gao et al.; April update)."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        w *= decoder_norm / w.norm(dim=1, keepdim=True)
+        if self.cfg.architecture == "relu" and self.cfg.l1_variant == "classic":
+            w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: torch.Tensor) -> Code:
+        return self.arch.encode(self, x_BD)
+
+    def decode(self, code: Code, bias: bool = True) -> torch.Tensor:
+        """W_dec-weighted sum of the active latents (an embedding bag: cost scales with k, not d_sae)."""
+        shape = code.indices_BK.shape
+        out = F.embedding_bag(code.indices_BK.reshape(-1, shape[-1]), self.W_dec,
+                              per_sample_weights=code.values_BK.reshape(-1, shape[-1]).to(self.W_dec.dtype),
+                              mode="sum").reshape(*shape[:-1], self.d_in)
+        return out + self.b_dec if bias else out
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x_BD))
+
+    def train_forward(self, x_BD: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+        return self.arch.train_forward(self, x_BD, ctx)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on scale * x take raw x (and return raw reconstructions).
+
+        Pre-activations, codes and thresholds are unchanged: W_enc -> s W_enc, W_dec -> W_dec / s,
+        b_dec -> b_dec / s."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    @torch.no_grad()
+    def permute_latents(self, perm_S: torch.Tensor) -> None:
+        """Reorder latents (Matryoshka re-sorting); the optimiser state must follow (saex.train)."""
+        for name, p in self.latent_parameters().items():
+            p.copy_(p.index_select(1 if name == "W_enc" else 0, perm_S))
+
+    def latent_parameters(self) -> dict[str, torch.Tensor]:
+        """Parameters with one entry per latent (axis 1 of W_enc, axis 0 otherwise)."""
+        out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec}
+        for name, p in self.arch.named_parameters():
+            if p.shape[:1] == (self.d_sae,):
+                out[f"arch.{name}"] = p
+        return out
