@@ -51,6 +51,18 @@ def _harvest_cmd():
     return HarvestConfig, harvest
 
 
+def _train_cmd():
+    from saex.train import TrainConfig, train
+
+    return TrainConfig, train
+
+
+def _eval_cmd():
+    from saex.eval import EvalConfig, evaluate
+
+    return EvalConfig, evaluate
+
+
 def _demo_cmd():
     from saex.demo import DemoConfig, demo
 
@@ -60,8 +72,8 @@ def _demo_cmd():
 # name -> (help, loader of (config class, function)); stages yet to come say so when run
 COMMANDS = {
     "harvest": ("Capture a model's activations over a dataset into RUN/acts/.", _harvest_cmd),
-    "train": ("Train sparse autoencoders on a run's activations.", None),
-    "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", None),
+    "train": ("Train sparse autoencoders on a run's activations into RUN/saes/<name>/.", _train_cmd),
+    "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", _eval_cmd),
     "index": ("Build the feature index (top examples, densities) for the explorer.", None),
     "explore": ("Serve the feature explorer web app for a run.", None),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",

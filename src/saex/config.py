@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kw.pop("default") if not has_default else kw.update(nargs="?")
             parser.add_argument(f.name, metavar=f.name.upper(), **kw)
             continue
-        if not has_default:
+        if not has_default or f.metadata.get("required"):
             kw["required"] = True
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 

@@ -53,7 +53,9 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None)
                          f"Hugging Face hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     family = family_of(config.model_type)
     model = _model_class(config).from_pretrained(folder)
-    return ModelAdapter(model, _processor(folder, family.modality), name, device, dtype)
+    adapter = ModelAdapter(model, _processor(folder, family.modality), name, device, dtype)
+    adapter.source = folder
+    return adapter
 
 
 __all__ = ["DEFAULT_TOKENS", "FAMILIES", "SITES", "TOKEN_CHOICES", "Batch", "HookPoint", "ModelAdapter",

@@ -36,6 +36,7 @@ class ModelAdapter:
     def __init__(self, model: nn.Module, processor, name: str, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None):
         self.name = name
+        self.source = name  # the folder or hub id it was loaded from (load_model sets it)
         self.family = family_of(model.config.model_type)
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -107,6 +108,39 @@ class ModelAdapter:
 
     # -- activations ----------------------------------------------------------------------------
 
+    def _register(self, point: HookPoint, fn) -> torch.utils.hooks.RemovableHandle:
+        """Call fn(acts) at `point`; if it returns a tensor, that replaces the activations downstream."""
+        block = self.blocks[point.layer]
+
+        def on_output(module, args, output):
+            acts = output[0] if isinstance(output, tuple) else output
+            new = fn(acts)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        if point.site == "hook_resid_pre":
+            def on_input(module, args, kwargs):
+                acts = args[0] if args else kwargs["hidden_states"]
+                new = fn(acts)
+                if new is None:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+            return block.register_forward_pre_hook(on_input, with_kwargs=True)
+        module = block if point.site == "hook_resid_post" else mlp_out_of(block)
+        return module.register_forward_hook(on_output)
+
+    @torch.inference_mode()
+    def run_edited(self, run, point: HookPoint, edit):
+        """run() with the activations at `point` replaced by edit(acts) (no edit when `edit` is None)."""
+        handle = self._register(point, edit) if edit is not None else None
+        try:
+            return run()
+        finally:
+            if handle is not None:
+                handle.remove()
+
     @torch.inference_mode()
     def capture(self, batch: Batch, hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
         """Activations [B, T, d] at each hook point, from one forward pass that stops after the deepest."""
@@ -114,25 +148,13 @@ class ModelAdapter:
             raise ValueError("capture needs at least one hook point")
         deepest = max(hooks, key=lambda h: h.order)
         out: dict[str, torch.Tensor] = {}
-        handles = []
 
         def record(point: HookPoint, acts: torch.Tensor):
             out[point.name] = acts.detach()
             if point == deepest:
                 raise _StopForward
 
-        for point in hooks:
-            block = self.blocks[point.layer]
-            if point.site == "hook_resid_pre":
-                handles.append(block.register_forward_pre_hook(
-                    lambda m, args, kwargs, p=point: record(p, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            elif point.site == "hook_resid_post":
-                handles.append(block.register_forward_hook(
-                    lambda m, args, output, p=point: record(p, output[0] if isinstance(output, tuple) else output)))
-            else:
-                handles.append(mlp_out_of(block).register_forward_hook(
-                    lambda m, args, output, p=point: record(p, output[0] if isinstance(output, tuple) else output)))
+        handles = [self._register(point, lambda acts, p=point: record(p, acts)) for point in hooks]
         try:
             self.backbone(**batch.inputs)
         except _StopForward:

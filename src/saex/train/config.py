@@ -1,0 +1,108 @@
+"""The training config: the SAE's own config plus how to train it, and sweeps over either."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saex.sae.config import SAEConfig
+
+# fields shared by every SAE of a sweep (one stream, one loop); everything else may be swept
+SHARED = {"run", "hook", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
+          "log_every", "overwrite", "dead_tokens", "autocast"}
+
+
+@dataclass
+class TrainConfig(SAEConfig):
+    run: str = field(default="", metadata={"required": True})
+    """Run folder holding acts/ (from saex harvest); SAEs go to RUN/saes/<name>/."""
+    hook: str | None = None
+    """Hook point to train on (default: the store's only one)."""
+    name: str | None = None
+    """Name of the SAE (default: from the architecture and the swept values)."""
+    expansion: int = 8
+    """d_sae = expansion x d_in, unless --d-sae is given."""
+    steps: int = 2000
+    """Optimiser steps."""
+    batch_size: int = 1024
+    """Activations (tokens) per step."""
+    lr: float = 5e-4
+    """Adam learning rate after warm-up."""
+    lr_warmup: float = 0.01
+    """Fraction of steps of linear learning-rate warm-up."""
+    lr_decay: float = 0.2
+    """Fraction of final steps over which the learning rate decays linearly to 0."""
+    sparsity_warmup: float = 0.05
+    """Fraction of steps over which the sparsity coefficient ramps up from 0."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    b_dec_init: Literal["geometric_median", "mean", "zero"] = "geometric_median"
+    """Initial decoder bias, from a sample of activations."""
+    normalize: bool = True
+    """Scale inputs so that E||x|| = sqrt(d_in) while training (folded into the saved weights)."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens is dead (for AuxK, ghost grads, resampling)."""
+    resample_every: int = 0
+    """Anthropic resampling of dead latents every this many steps (0: never)."""
+    resort_every: int = 0
+    """Matryoshka: re-sort latents by firing frequency every this many steps (0: never)."""
+    sweep: list[str] = field(default_factory=list)
+    """Train several SAEs on one pass, e.g. k=16,32,64 or architecture=topk,batchtopk (cartesian product)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    device: str = "auto"
+    """cpu, cuda, ...; auto picks cuda when there is one."""
+    autocast: bool = True
+    """bfloat16 autocast on a GPU (weights and Adam stay float32)."""
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every this many steps."""
+    log_every: int = 25
+    """Log metrics to RUN/logs/train.jsonl every this many steps."""
+    overwrite: bool = False
+    """Retrain SAEs that already exist."""
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        names = {f.name for f in dataclasses.fields(SAEConfig)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        values.update(d_in=d_in, d_sae=self.d_sae or self.expansion * d_in)
+        return SAEConfig(**values).validate()
+
+    def default_name(self, swept: dict) -> str:
+        parts = [self.architecture + ("-matryoshka" if self.matryoshka != "none" else "")]
+        parts += [f"{k}{v}" for k, v in swept.items() if k not in ("architecture", "matryoshka")]
+        return "-".join(parts)
+
+
+def _parse(cls, key: str, text: str):
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    if key not in hints or key in SHARED:
+        sweepable = sorted(k for k in hints if k not in SHARED)
+        raise ValueError(f"cannot sweep {key!r}; sweepable fields: {sweepable}")
+    default = getattr(cls(run="x"), key)
+    kind = type(default) if default is not None else str
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes")
+    return kind(text)
+
+
+def expand_sweep(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of each SAE: the cartesian product of the --sweep values."""
+    axes = []
+    for spec in cfg.sweep:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise ValueError(f"sweep {spec!r} is not of the form key=v1,v2,...")
+        axes.append([(key, _parse(TrainConfig, key, v)) for v in values.split(",")])
+    variants = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        swept = dict(combo)
+        variant = dataclasses.replace(cfg, **swept)
+        name = cfg.name + ("-" + "-".join(f"{k}{v}" for k, v in swept.items()) if swept else "") if cfg.name \
+            else variant.default_name(swept)
+        variants.append((name, variant))
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep gives duplicate SAE names {names}")
+    return variants

@@ -1,0 +1,53 @@
+"""Dead latents: tracking, and Anthropic's resampling."""
+
+from __future__ import annotations
+
+import torch
+
+from saex.sae import SAE
+from saex.train.optim import reset_latents
+
+
+class DeadTracker:
+    """Tokens since each latent last fired; dead past `window` tokens."""
+
+    def __init__(self, d_sae: int, window: int, device):
+        self.window = window
+        self.since_S = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.total = 0
+
+    def update(self, fired_S: torch.Tensor, n_tokens: int) -> None:
+        self.since_S += n_tokens
+        self.since_S[fired_S] = 0
+        self.total += n_tokens
+
+    def dead(self) -> torch.Tensor:
+        return self.since_S >= self.window
+
+    def state_dict(self) -> dict:
+        return {"since_S": self.since_S.cpu(), "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.since_S.copy_(state["since_S"])
+        self.total = state["total"]
+
+
+@torch.no_grad()
+def resample_dead(sae: SAE, opt, x_BD: torch.Tensor, dead_S: torch.Tensor, generator=None) -> int:
+    """Re-initialise dead latents from inputs drawn in proportion to their squared reconstruction loss
+    (Towards Monosemanticity): decoder row = the input's direction, encoder = that direction scaled to
+    0.2 x the mean alive encoder norm, bias 0, Adam moments reset. Returns how many were resampled."""
+    dead = dead_S.nonzero().squeeze(1)
+    if dead.numel() == 0:
+        return 0
+    loss_B = (x_BD - sae(x_BD)).pow(2).sum(-1)
+    rows = torch.multinomial(loss_B.pow(2) + 1e-12, dead.numel(), replacement=True, generator=generator)
+    directions = x_BD[rows] - sae.b_dec
+    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead_S
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[dead] = directions * (sae.W_dec[alive].norm(dim=1).mean() if alive.any() else 1.0)
+    sae.W_enc[:, dead] = (directions * 0.2 * enc_norm).T
+    sae.b_enc[dead] = 0.0
+    reset_latents(opt, sae.latent_parameters(), dead)
+    return int(dead.numel())

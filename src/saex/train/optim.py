@@ -1,0 +1,32 @@
+"""The optimiser and surgery on its state when latents are re-initialised or re-ordered."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    # fused Adam on a GPU; on the CPU the foreach path is the fastest torch offers
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), **kwargs)
+
+
+def _state_tensors(opt: torch.optim.Optimizer, param: torch.Tensor):
+    state = opt.state.get(param, {})
+    return [v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq") and v.shape == param.shape]
+
+
+@torch.no_grad()
+def reset_latents(opt: torch.optim.Optimizer, latent_params: dict[str, torch.Tensor], idx_L: torch.Tensor) -> None:
+    """Zero the Adam moments of the given latents (after resampling them)."""
+    for name, p in latent_params.items():
+        for t in _state_tensors(opt, p):
+            t.index_fill_(1 if name == "W_enc" else 0, idx_L, 0.0)
+
+
+@torch.no_grad()
+def permute_latents(opt: torch.optim.Optimizer, latent_params: dict[str, torch.Tensor], perm_S: torch.Tensor) -> None:
+    """Reorder the Adam moments of every per-latent parameter like the parameters themselves."""
+    for name, p in latent_params.items():
+        for t in _state_tensors(opt, p):
+            t.copy_(t.index_select(1 if name == "W_enc" else 0, perm_S))

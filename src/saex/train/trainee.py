@@ -1,0 +1,82 @@
+"""One SAE being trained: its parameters, optimiser, dead-latent tracker and step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from saex.sae import SAE
+from saex.sae.arch import TrainContext
+from saex.train.config import TrainConfig
+from saex.train.dead import DeadTracker, resample_dead
+from saex.train.optim import make_adam, permute_latents
+from saex.train.schedule import lr_factor, sparsity_factor
+
+
+class Trainee:
+    def __init__(self, name: str, cfg: TrainConfig, sae: SAE, device: torch.device):
+        self.name, self.cfg, self.sae, self.device = name, cfg, sae.to(device), device
+        self.opt = make_adam(self.sae.parameters(), cfg.lr, device)
+        self.dead = DeadTracker(sae.d_sae, cfg.dead_tokens, device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.fired_count_S = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)  # since last re-sort
+        self.last: dict = {}
+
+    def step(self, x_BD: torch.Tensor, step: int) -> None:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_warmup, cfg.lr_decay)
+        ctx = TrainContext(cfg.sparsity_coefficient * sparsity_factor(step, cfg.steps, cfg.sparsity_warmup),
+                           self.dead.dead(), self.generator)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        self.sae.train()
+        with autocast:
+            out = self.sae.train_forward(x_BD, ctx)
+            loss = out.loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.arch.before_optimizer_step(self.sae)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sae.arch.after_optimizer_step(self.sae)
+        self.dead.update(out.fired_S, len(x_BD))
+        self.fired_count_S += out.fired_S
+        with torch.no_grad():
+            x_hat = out.x_hat_BD.float()
+            fvu = (x_BD - x_hat).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        self.last = {"loss": loss.detach(), "l0": out.l0.detach(), "fvu": fvu,
+                     **{k: v.detach() for k, v in out.losses.items()}}
+        if cfg.resample_every and (step + 1) % cfg.resample_every == 0:
+            n = resample_dead(self.sae, self.opt, x_BD, self.dead.dead(), self.generator)
+            self.last["resampled"] = torch.tensor(float(n))
+        if cfg.resort_every and cfg.matryoshka != "none" and (step + 1) % cfg.resort_every == 0:
+            self.resort()
+
+    @torch.no_grad()
+    def resort(self) -> None:
+        """Matryoshka: most frequently firing latents first; the Adam moments move with them."""
+        perm = self.fired_count_S.argsort(descending=True, stable=True)
+        permute_latents(self.opt, self.sae.latent_parameters(), perm)
+        self.sae.permute_latents(perm)
+        self.dead.since_S.copy_(self.dead.since_S[perm])
+        self.fired_count_S.zero_()
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.last.items()}
+        out["dead_frac"] = float(self.dead.dead().float().mean())
+        out["lr"] = self.opt.param_groups[0]["lr"]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "dead": self.dead.state_dict(),
+                "generator": self.generator.get_state(), "fired_count_S": self.fired_count_S.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.dead.load_state_dict(state["dead"])
+        self.generator.set_state(state["generator"])
+        self.fired_count_S.copy_(state["fired_count_S"])
