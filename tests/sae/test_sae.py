@@ -1,0 +1,176 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from saex.sae import SAE, Code, SAEConfig
+from saex.sae.arch import TrainContext
+from saex.sae.arch.matryoshka import prefix_ends
+from saex.sae.init import geometric_median, input_scale
+from saex.sae.io import load_sae, save_sae
+from saex.train.optim import make_adam, permute_latents
+
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "prolu"]
+
+
+def _sae(arch, **kw):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=12, d_sae=40, architecture=arch, k=5, **kw))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        for p in sae.arch.parameters():
+            p.uniform_(0.01, 0.05)
+    return sae
+
+
+def _train_a_bit(sae, steps=3):
+    opt = make_adam(sae.parameters(), 1e-2, torch.device("cpu"))
+    for _ in range(steps):
+        out = sae.train_forward(torch.randn(64, 12), TrainContext(1.0, torch.zeros(40, dtype=torch.bool)))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sae.arch.after_optimizer_step(sae)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_decode_is_forward_and_dense_roundtrips(arch):
+    sae = _sae(arch)
+    x = torch.randn(9, 12)
+    code = sae.encode(x)
+    dense = code.dense()
+    assert torch.allclose(sae.decode(code), dense @ sae.W_dec + sae.b_dec, atol=1e-5)
+    assert torch.equal(sae(x), sae.decode(code))
+    assert torch.equal(Code.from_dense(dense).dense(), dense)
+    assert (dense >= 0).all()
+
+
+def test_topk_keeps_exactly_k_and_batchtopk_k_times_batch():
+    x = torch.randn(16, 12)
+    topk, batch = _sae("topk"), _sae("batchtopk")
+    with torch.no_grad():
+        topk.b_enc.fill_(5.0)  # every pre-activation positive: exactly k survive
+        batch.b_enc.fill_(5.0)
+    assert topk.encode(x).l0().tolist() == [5] * 16
+    out = batch.train_forward(x, TrainContext())
+    assert out.l0.item() == pytest.approx(5.0)
+    assert batch.arch.threshold > 0  # running estimate of the smallest kept activation
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_scale_folds_into_the_weights(arch):
+    sae = _sae(arch)
+    x = torch.randn(9, 12) * 7
+    s = 0.3
+    expected = sae(x * s) / s
+    codes = sae.encode(x * s).dense()
+    sae.fold_input_scale(s)
+    assert torch.allclose(sae(x), expected, atol=1e-5)
+    assert torch.allclose(sae.encode(x).dense(), codes, atol=1e-5)
+
+
+def test_classic_relu_keeps_unit_norm_decoder_rows():
+    sae = _sae("relu", l1_variant="classic")
+    _train_a_bit(sae)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(40), atol=1e-5)
+
+
+def test_april_l1_is_weighted_by_decoder_norms():
+    sae = _sae("relu")
+    x = torch.randn(5, 12)
+    out = sae.train_forward(x, TrainContext(sparsity_coefficient=2.0))
+    f = torch.relu(sae.pre_acts(x)).detach()
+    assert out.losses["sparsity"].detach().item() == pytest.approx(2.0 * float((f * sae.W_dec.norm(dim=1)).sum(1).mean()), rel=1e-5)
+
+
+def test_auxk_and_ghost_grads_only_with_dead_latents():
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[:10] = True
+    x = torch.randn(8, 12)
+    assert "auxk" in _sae("topk").train_forward(x, TrainContext(0.0, dead)).losses
+    assert "auxk" not in _sae("topk").train_forward(x, TrainContext(0.0, torch.zeros(40, dtype=torch.bool))).losses
+    ghost = _sae("relu", ghost_grads=True).train_forward(x, TrainContext(1.0, dead)).losses["ghost"]
+    ghost.backward()
+
+
+def test_matryoshka_prefixes():
+    cfg = SAEConfig(d_in=4, d_sae=64, architecture="topk", matryoshka="fixed")
+    assert prefix_ends(cfg, 64, TrainContext()) == [4, 8, 16, 32, 64]
+    cfg.matryoshka = "random"
+    ends = prefix_ends(cfg, 64, TrainContext(generator=torch.Generator().manual_seed(0)))
+    assert ends[-1] == 64 and ends == sorted(set(ends))
+
+
+def test_permuting_latents_keeps_the_function_and_moves_adam_state():
+    sae = _sae("topk", matryoshka="fixed")
+    opt = make_adam(sae.parameters(), 1e-2, torch.device("cpu"))
+    out = sae.train_forward(torch.randn(32, 12), TrainContext())
+    out.loss.backward()
+    opt.step()
+    x = torch.randn(6, 12)
+    before, moments = sae(x), opt.state[sae.W_dec]["exp_avg"].clone()
+    perm = torch.randperm(40)
+    permute_latents(opt, sae.latent_parameters(), perm)
+    sae.permute_latents(perm)
+    assert torch.allclose(sae(x), before, atol=1e-6)
+    assert torch.equal(opt.state[sae.W_dec]["exp_avg"], moments[perm])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_roundtrip(arch, tmp_path):
+    sae = _sae(arch)
+    _train_a_bit(sae)
+    sae.eval()
+    save_sae(sae, tmp_path / "s", {"model": "m", "hook": "blocks.0.hook_resid_post"})
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfg["d_in"] == 12 and cfg["d_sae"] == 40 and cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    loaded = load_sae(tmp_path / "s")
+    x = torch.randn(9, 12)
+    assert torch.allclose(loaded(x), sae(x), atol=1e-6)
+    assert torch.equal(loaded.encode(x).dense(), sae.encode(x).dense())
+
+
+def test_saelens_folder_without_saex_fields_loads(tmp_path):
+    sae = _sae("jumprelu")
+    save_sae(sae, tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["saex"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "s")
+    x = torch.randn(4, 12)
+    assert loaded.cfg.architecture == "jumprelu" and torch.allclose(loaded(x), sae(x), atol=1e-6)
+
+
+def test_sparsify_folder_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    w_enc, b_enc = torch.randn(40, 12), torch.randn(40)
+    w_dec, b_dec = torch.randn(40, 12), torch.randn(12)
+    (tmp_path / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 3, "num_latents": 40, "d_in": 12}))
+    save_file({"encoder.weight": w_enc, "encoder.bias": b_enc, "W_dec": w_dec, "b_dec": b_dec}, tmp_path / "sae.safetensors")
+    sae = load_sae(tmp_path)
+    x = torch.randn(5, 12)
+    z = torch.relu((x - b_dec) @ w_enc.T + b_enc)  # sparsify's encoder: ReLU, then top-k
+    vals, idx = z.topk(3)
+    expected = torch.zeros(5, 40).scatter(1, idx, vals) @ w_dec + b_dec
+    assert torch.allclose(sae(x), expected, atol=1e-5)
+
+
+def test_geometric_median_and_input_scale():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    gm = geometric_median(pts)
+    # the median resists the outlier: it lies near the three clustered points, unlike the mean
+    assert gm.norm() < 1.0 < pts.mean(0).norm()
+    x = torch.randn(1000, 16) * 5
+    assert float((x * input_scale(x)).norm(dim=1).mean()) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match=r"k must lie in \[1, d_sae=8\], got 9"):
+        SAE(SAEConfig(d_in=4, d_sae=8, architecture="topk", k=9))
+    with pytest.raises(ValueError, match="matryoshka works with topk or batchtopk, not 'relu'"):
+        SAE(SAEConfig(d_in=4, d_sae=8, architecture="relu", matryoshka="fixed"))
+    with pytest.raises(ValueError, match="matryoshka_groups must sum to 1"):
+        SAE(dataclasses.replace(SAEConfig(d_in=4, d_sae=8, k=2, matryoshka="fixed"), matryoshka_groups=[0.5, 0.2]))

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saex.cli import main
+from saex.sae.io import load_sae
+from saex.train import TrainConfig, expand_sweep, train
+from tests.train.synthetic import mmcs, toy_activations, write_store
+
+D, N_FEATURES, K = 32, 64, 4
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("toy")
+    x, features = toy_activations(16384, D, N_FEATURES, K)
+    write_store(run / "acts", x)
+    return run, features
+
+
+@pytest.mark.parametrize("arch, extra", [("topk", []), ("batchtopk", []), ("topk", ["--matryoshka", "fixed"]),
+                                         ("batchtopk", ["--matryoshka", "random"])])
+def test_recovers_ground_truth_at_the_true_sparsity(toy_run, arch, extra):
+    run, features = toy_run
+    name = f"gt-{arch}-{'-'.join(extra[1:]) or 'plain'}"
+    assert main(["train", "--run", str(run), "--architecture", arch, "--k", str(K), "--d-sae", str(N_FEATURES),
+                 "--steps", "1200", "--batch-size", "256", "--lr", "3e-3", "--name", name, "--b-dec-init", "zero",
+                 "--no-normalize", "--matryoshka-groups", "0.25", "0.25", "0.5", *extra]) == 0
+    sae = load_sae(run / "saes" / name)
+    score = mmcs(features, sae.W_dec.detach())
+    assert score >= 0.9, f"{name}: mean max cosine {score:.3f}"
+
+
+def test_every_architecture_trains_and_reduces_error(toy_run):
+    run, _ = toy_run
+    assert main(["train", "--run", str(run), "--sweep", "architecture=relu,jumprelu,gated,prolu",
+                 "--d-sae", "64", "--steps", "150", "--batch-size", "256", "--lr", "3e-3",
+                 "--sparsity-coefficient", "0.5", "--name", "all"]) == 0
+    for arch in ("relu", "jumprelu", "gated", "prolu"):
+        cfg = json.loads((run / "saes" / f"all-architecture{arch}" / "cfg.json").read_text())
+        final = cfg["metadata"]["final"]
+        assert final["fvu"] < 0.5 and final["l0"] < 64, (arch, final)
+
+
+def _weights(folder):
+    return load_file(folder / "sae_weights.safetensors")
+
+
+def test_sweep_members_equal_solo_runs(toy_run):
+    run, _ = toy_run
+    common = ["train", "--run", str(run), "--d-sae", "64", "--steps", "30", "--batch-size", "128", "--name", "sw"]
+    assert main(common + ["--sweep", "k=2,6"]) == 0
+    assert main(common[:-1] + ["solo", "--k", "6"]) == 0
+    a, b = _weights(run / "saes" / "sw-k6"), _weights(run / "saes" / "solo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path):
+    run, _ = toy_run
+    args = ["train", "--run", str(run), "--architecture", "topk", "--matryoshka", "random", "--k", "4",
+            "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20",
+            "--resort-every", "15", "--dead-tokens", "2000"]
+    assert main(args + ["--name", "whole"]) == 0
+    # a real SIGKILL in the middle of step 45 (after the checkpoint of step 40)
+    crash = (
+        "import os, signal, sys\n"
+        "from saex.train import trainee\n"
+        "orig = trainee.Trainee.step\n"
+        "def step(self, x, s):\n"
+        "    if s == 45: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return orig(self, x, s)\n"
+        "trainee.Trainee.step = step\n"
+        "from saex.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", crash, *args, "--name", "killed"], capture_output=True)
+    assert proc.returncode == -9
+    assert list((run / "checkpoints").glob("train-*.pt")), "a checkpoint must survive the kill"
+    assert main(args + ["--name", "killed"]) == 0
+    a, b = _weights(run / "saes" / "whole"), _weights(run / "saes" / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((run / "checkpoints").glob("train-*.pt"))
+
+
+def test_sweep_errors():
+    with pytest.raises(ValueError, match="cannot sweep 'steps'; sweepable fields:"):
+        expand_sweep(TrainConfig(run="x", sweep=["steps=1,2"]))
+    with pytest.raises(ValueError, match="is not of the form key=v1,v2"):
+        expand_sweep(TrainConfig(run="x", sweep=["k"]))
+    names = [n for n, _ in expand_sweep(TrainConfig(run="x", sweep=["k=8,16", "architecture=topk,batchtopk"]))]
+    assert names == ["topk-k8", "batchtopk-k8", "topk-k16", "batchtopk-k16"]
+
+
+def test_training_needs_a_finished_harvest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no activation store"):
+        train(TrainConfig(run=str(tmp_path)))
