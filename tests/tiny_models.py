@@ -55,4 +55,6 @@ def save_tiny(name: str, folder: Path) -> Path:
     model, processor = _build(name)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    if name == "clip":  # its text tower reads label prompts for zero-shot evaluation
+        _text_tokenizer().save_pretrained(folder)
     return folder

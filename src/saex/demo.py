@@ -4,29 +4,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saex.eval import EvalConfig, evaluate
 from saex.harvest import HarvestConfig, harvest
+from saex.train import TrainConfig, train
 
 
 @dataclass
 class DemoConfig:
     run: str = "runs/demo"
-    """Run folder of the demo."""
+    """Run folder of the demo (the text demo appends -text)."""
     text: bool = False
     """Use minilm on Wikipedia summaries instead of fmnist-vit on Fashion-MNIST."""
-    max_examples: int = 10000
-    """Examples to harvest."""
+    max_examples: int | None = None
+    """Examples to harvest (default: 10,000 images or 2,000 articles)."""
+    steps: int = 1000
+    """Training steps of the demo SAE."""
     serve: bool = True
     """Serve the explorer at the end (once the explorer exists)."""
 
 
 def demo(cfg: DemoConfig) -> dict:
     if cfg.text:
-        h = HarvestConfig(run=cfg.run + "-text", model="minilm", dataset="wiki", hook=["blocks.3.hook_resid_post"],
-                          max_examples=cfg.max_examples, batch_size=32)
+        run = cfg.run + "-text"
+        h = HarvestConfig(run=run, model="minilm", dataset="wiki", hook=["blocks.3.hook_resid_post"],
+                          max_examples=cfg.max_examples or 2000, batch_size=64)
+        eval_examples = 300
     else:
-        h = HarvestConfig(run=cfg.run, model="fmnist-vit", dataset="fashion-mnist", hook=["blocks.2.hook_resid_post"],
-                          max_examples=cfg.max_examples, batch_size=256)
-    manifest = harvest(h)
-    print(f"demo: activations of {h.model} on {h.dataset} are in {h.run}/acts "
-          f"({manifest['rows']:,} rows, d {manifest['d_model']}). Training, evaluation and the explorer come next.")
-    return manifest
+        run = cfg.run
+        h = HarvestConfig(run=run, model="fmnist-vit", dataset="fashion-mnist", hook=["blocks.2.hook_resid_post"],
+                          tokens="cls", max_examples=cfg.max_examples or 10000, batch_size=256)
+        eval_examples = 2000
+    print(f"demo 1/3: harvest {h.model} activations at {h.hook[0]} over {h.dataset}")
+    harvest(h)
+    print("demo 2/3: train a TopK SAE (k 32, 8x expansion)")
+    train(TrainConfig(run=run, architecture="topk", k=32, steps=cfg.steps))
+    print("demo 3/3: evaluate it on held-out examples, spliced into the model")
+    results = evaluate(EvalConfig(run=run, examples=eval_examples))
+    print(f"demo: done; everything is in {run}/ (acts/, saes/, eval/, logs/). "
+          "The feature index and explorer come with the next release.")
+    return results

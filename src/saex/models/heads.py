@@ -37,6 +37,7 @@ def prompt_features(adapter: ModelAdapter, label_names: list[str], template: str
     return F.normalize(feats.float(), dim=-1)
 
 
+@torch.inference_mode()
 def head_output(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 logits [B, C] (classifier, zero_shot), [B, T, V] (next_token) or embeddings [B, D]."""
     model = adapter.model

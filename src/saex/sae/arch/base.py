@@ -63,6 +63,17 @@ class Architecture(nn.Module):
         return self.saelens_name, {}
 
 
+def project_decoder_grad(sae) -> None:
+    """Remove the gradient component parallel to each decoder row (rows stay on the unit sphere)."""
+    if sae.W_dec.grad is not None:
+        w = sae.W_dec.data / sae.W_dec.data.norm(dim=1, keepdim=True)
+        sae.W_dec.grad -= (sae.W_dec.grad * w).sum(1, keepdim=True) * w
+
+
+def renormalize_decoder(sae) -> None:
+    sae.W_dec.data /= sae.W_dec.data.norm(dim=1, keepdim=True)
+
+
 def dense_output(sae, x_BD, f_BS, losses: dict, extras=None) -> TrainOutput:
     """TrainOutput of an architecture whose code is a dense [B, S] tensor."""
     x_hat = f_BS @ sae.W_dec + sae.b_dec

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from saex.sae.arch.base import Architecture, TrainContext, dense_output, sum_sq
+from saex.sae.arch.base import (Architecture, TrainContext, dense_output, project_decoder_grad,
+                                 renormalize_decoder, sum_sq)
 from saex.sae.code import Code
 
 
@@ -27,13 +28,12 @@ class ReLU(Architecture):
         return out
 
     def before_optimizer_step(self, sae) -> None:
-        if self.cfg.l1_variant == "classic" and sae.W_dec.grad is not None:
-            w = sae.W_dec.data / sae.W_dec.data.norm(dim=1, keepdim=True)
-            sae.W_dec.grad -= (sae.W_dec.grad * w).sum(1, keepdim=True) * w
+        if self.cfg.l1_variant == "classic":
+            project_decoder_grad(sae)
 
     def after_optimizer_step(self, sae) -> None:
         if self.cfg.l1_variant == "classic":
-            sae.W_dec.data /= sae.W_dec.data.norm(dim=1, keepdim=True)
+            renormalize_decoder(sae)
 
 
 def ghost_grads_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, mse) -> torch.Tensor:
