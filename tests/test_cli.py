@@ -49,7 +49,7 @@ def test_config_parsing_roundtrip(tmp_path):
 
 
 def test_stages_not_built_yet_say_so(capsys):
-    assert main(["train"]) == 2
+    assert main(["index"]) == 2
     assert "not built yet" in capsys.readouterr().err
 
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loader = COMMANDS[args.command][1]
     if loader is None:
-        print(f"saex {args.command}: this stage is not built yet; `saex harvest` and `saex zoo` work today",
+        print(f"saex {args.command}: this stage is not built yet; harvest, train, eval, demo and zoo work today",
               file=sys.stderr)
         return 2
     cls, fn = loader()

@@ -19,8 +19,6 @@ class DemoConfig:
     """Examples to harvest (default: 10,000 images or 2,000 articles)."""
     steps: int = 1000
     """Training steps of the demo SAE."""
-    serve: bool = True
-    """Serve the explorer at the end (once the explorer exists)."""
 
 
 def demo(cfg: DemoConfig) -> dict:
