@@ -45,6 +45,7 @@ def test_eval_of_a_sweep_draws_the_pareto_plot(tmp_path):
     assert (run / "eval" / "pareto.png").stat().st_size > 1000 and (run / "eval" / "pareto.svg").exists()
     saved = json.loads((run / "saes" / "topk-k2" / "metrics.json").read_text())
     assert len(saved["density"]) == 256 and "downstream" not in saved
+    assert (run / "saes" / "topk-k2" / "density.png").stat().st_size > 1000
 
 
 def test_identity_edit_leaves_outputs_unchanged(tiny_model_dir):

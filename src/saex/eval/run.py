@@ -12,7 +12,7 @@ import torch
 from saex.atomic import atomic_write_json
 from saex.data import UnreadableExample, reopen
 from saex.eval.metrics import ReconstructionStats
-from saex.eval.pareto import pareto_plot
+from saex.eval.plots import density_plot, pareto_plot
 from saex.eval.splice import SpliceStats
 from saex.models import load_model
 from saex.models.heads import head_kind, head_output, prompt_features
@@ -129,6 +129,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         if kind:
             m["downstream"] = splice[name].result()
         atomic_write_json(folder / "metrics.json", m)
+        density_plot(m, folder / "density")
         results[name] = {k: v for k, v in m.items() if k != "density"}
     atomic_write_json(run / "eval" / "metrics.json", results)
     if len(results) > 1:
