@@ -142,3 +142,28 @@ def test_real_minilm_layer3_matches_hidden_states():
     batch = adapter.prepare(TEXTS)
     out = adapter.capture(batch, [adapter.hook("blocks.3.hook_resid_post")])["blocks.3.hook_resid_post"]
     assert torch.equal(out, _hidden_states(adapter, batch)[4])
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES])
+def test_mlp_out_directions_are_what_each_neuron_writes(family, tiny_model_dir):
+    # hook_mlp_out = (hidden neuron activations) @ directions (+ bias): check by capturing both
+    adapter = load_model(str(tiny_model_dir[family]))
+    layer = 1
+    W = adapter.mlp_out_directions(layer)
+    assert W.shape[1] == adapter.d_model and W.shape[0] >= adapter.d_model
+    batch = adapter.prepare(_inputs(adapter))
+    mlp_out = adapter.capture(batch, [adapter.hook(f"blocks.{layer}.hook_mlp_out")])[f"blocks.{layer}.hook_mlp_out"]
+    block = adapter.blocks[layer]
+    from saex.models.families import mlp_out_of
+
+    out_module = mlp_out_of(block)
+    proj = [m for m in (block.mlp if hasattr(out_module, "lambda1") else out_module).modules()
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and adapter.d_model in m.weight.shape][-1]
+    seen = {}
+    h = proj.register_forward_hook(lambda m, a, o: seen.update(inp=a[0]))
+    adapter.capture(batch, [adapter.hook(f"blocks.{layer}.hook_mlp_out")])
+    h.remove()
+    bias = proj.bias if proj.bias is not None else 0
+    if hasattr(out_module, "lambda1"):
+        bias = bias * out_module.lambda1
+    torch.testing.assert_close(seen["inp"] @ W + bias, mlp_out, atol=1e-5, rtol=1e-4)

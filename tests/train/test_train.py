@@ -98,3 +98,14 @@ def test_sweep_errors():
 def test_training_needs_a_finished_harvest(tmp_path):
     with pytest.raises(FileNotFoundError, match="no activation store"):
         train(TrainConfig(run=str(tmp_path)))
+
+
+def test_metrics_mirror_to_wandb_offline(toy_run, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (it comes with the interop extra)")
+    run, _ = toy_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["train", "--run", str(run), "--d-sae", "64", "--steps", "10", "--batch-size", "64",
+                 "--log-every", "5", "--name", "wb", "--wandb-project", "saex-test"]) == 0
+    history = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert history and history[0].stat().st_size > 0

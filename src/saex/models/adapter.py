@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_of
+from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_directions, mlp_out_of
 from saex.models.hooks import HookPoint, all_hook_names, parse_hook
 
 TOKEN_CHOICES = {
@@ -60,6 +60,10 @@ class ModelAdapter:
 
     def hook(self, name: str) -> HookPoint:
         return parse_hook(name, self.n_layers)
+
+    def mlp_out_directions(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model] output vectors of block `layer`'s MLP neurons (float32, CPU)."""
+        return mlp_out_directions(self.blocks[layer], self.d_model).float().cpu()
 
     def check_tokens(self, tokens: str) -> str:
         valid = TOKEN_CHOICES[self.modality]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from saex.data.base import Modality
@@ -58,6 +59,22 @@ def blocks_of(backbone: nn.Module, n_layers: int) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise ValueError(f"{type(backbone).__name__} has no list of {n_layers} transformer blocks")
+
+
+def mlp_out_directions(block: nn.Module, d_model: int) -> torch.Tensor:
+    """[d_mlp, d_model]: the direction each MLP neuron writes into the residual stream (its output
+    weights), layer scale included; what seed 002 compares SAE encoder vectors with."""
+    module = mlp_out_of(block)
+    scale = getattr(module, "lambda1", None)  # DINOv2's layer scale multiplies the MLP output
+    if scale is not None:
+        module = block.mlp
+    linears = [m for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+               and m.weight.dim() == 2 and d_model in m.weight.shape]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} has no output projection of width {d_model}")
+    last = linears[-1]
+    w = last.weight.T if isinstance(last, nn.Linear) else last.weight  # GPT-2's Conv1D is [d_mlp, d_model]
+    return (w * scale if scale is not None else w).detach()
 
 
 def mlp_out_of(block: nn.Module) -> nn.Module:

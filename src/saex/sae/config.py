@@ -39,11 +39,16 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05
     """JumpReLU: width of the rectangle kernel of the straight-through gradients."""
     jumprelu_threshold: float = 0.1
-    """JumpReLU: initial threshold of every latent."""
+    """JumpReLU: initial threshold of every latent (when --jumprelu-init-l0 is 0)."""
+    jumprelu_init_l0: int = 64
+    """JumpReLU: start each threshold at the quantile of its pre-activations that gives this L0 (0: off)."""
     ghost_grads: bool = False
     """relu: ghost gradients for dead latents (seed 002)."""
     batchtopk_momentum: float = 0.01
     """BatchTopK: step of the running estimate of the inference threshold."""
+
+    decoder_init_norm: float = 0.0
+    """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
 
     def validate(self) -> "SAEConfig":
         if self.architecture not in ARCHITECTURES:

@@ -22,7 +22,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.arch = REGISTRY[cfg.architecture](cfg)
         self.metadata = dict(metadata or {})
-        self.init_tied(decoder_norm=0.1 if cfg.architecture in ("relu", "prolu", "jumprelu") else 1.0)
+        default_norm = 0.1 if cfg.architecture in ("relu", "prolu", "jumprelu") else 1.0
+        self.init_tied(decoder_norm=cfg.decoder_init_norm or default_norm)
 
     @torch.no_grad()
     def init_tied(self, decoder_norm: float = 1.0, generator: torch.Generator | None = None) -> None:

@@ -11,7 +11,7 @@ from saex.sae.config import SAEConfig
 
 # fields shared by every SAE of a sweep (one stream, one loop); everything else may be swept
 SHARED = {"run", "hook", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
-          "log_every", "overwrite", "dead_tokens", "autocast"}
+          "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project"}
 
 
 @dataclass
@@ -62,6 +62,8 @@ class TrainConfig(SAEConfig):
     """Log metrics to RUN/logs/train.jsonl every this many steps."""
     overwrite: bool = False
     """Retrain SAEs that already exist."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works without network)."""
 
     def sae_config(self, d_in: int) -> SAEConfig:
         names = {f.name for f in dataclasses.fields(SAEConfig)}

@@ -14,7 +14,7 @@ import torch
 
 from saex import config as configs
 from saex.atomic import atomic_write_bytes
-from saex.runlog import JsonlLog, progress
+from saex.runlog import JsonlLog, WandbLog, progress
 from saex.sae import SAE
 from saex.sae.init import decoder_bias, input_scale
 from saex.sae.io import CFG, save_sae
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         sae = SAE(vcfg.sae_config(d_in))
         with torch.no_grad():
             sae.b_dec.copy_(decoder_bias(sample * scale, vcfg.b_dec_init))
+        sae.arch.init_from_data(sae, sample * scale)
         trainees.append(Trainee(name, vcfg, sae, device))
 
     identity = {"variants": {n: dataclasses.asdict(v) for n, v in variants}, "store_rows": len(store), "hook": hook}
@@ -86,6 +87,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         print(f"resuming {', '.join(outputs)} at step {start}")
 
     log = JsonlLog(run, "train")
+    wandb = WandbLog(cfg.wandb_project, run, ",".join(outputs), dataclasses.asdict(cfg)) if cfg.wandb_project else None
     log.write("start", step=start, saes=list(outputs), hook=hook, d_in=d_in, input_scale=scale)
     stream = store.iter_shuffled(column, cfg.batch_size, seed=cfg.seed, skip_batches=start)
     bar = progress(cfg.steps, f"train {', '.join(outputs)}"[:60], "step", initial=start)
@@ -99,6 +101,9 @@ def train(cfg: TrainConfig) -> list[Path]:
             metrics = {t.name: t.metrics() for t in trainees}
             rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
             log.write("step", step=step + 1, tokens=(step + 1) * cfg.batch_size, tokens_per_s=rate, saes=metrics)
+            if wandb:
+                wandb.log({f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()} | {"tokens_per_s": rate},
+                          step=step + 1)
             m = metrics[trainees[0].name]
             bar.set_postfix_str(f"{rate:,.0f} tok/s L0 {m['l0']:.1f} FVU {m['fvu']:.3f} dead {100 * m['dead_frac']:.1f}%"
                                 + (f" (+{len(trainees) - 1} SAEs)" if len(trainees) > 1 else ""))
@@ -118,6 +123,8 @@ def train(cfg: TrainConfig) -> list[Path]:
                                           "final": t.metrics()})
         configs.save(t.cfg, outputs[t.name] / "train_config.json")
     checkpoint.unlink(missing_ok=True)
+    if wandb:
+        wandb.finish()
     seconds = time.perf_counter() - t0
     log.write("end", seconds=seconds, tokens_per_s=(cfg.steps - start) * cfg.batch_size / max(seconds, 1e-9))
     for t in trainees:

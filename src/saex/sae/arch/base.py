@@ -52,6 +52,9 @@ class Architecture(nn.Module):
     def train_forward(self, sae, x_BD: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         raise NotImplementedError
 
+    def init_from_data(self, sae, x_ND: torch.Tensor) -> None:
+        """Data-dependent initialisation from a sample of (scaled) inputs, after b_dec is set."""
+
     def before_optimizer_step(self, sae) -> None:
         """Adjust gradients (e.g. keep unit-norm decoder rows on their sphere)."""
 

@@ -59,6 +59,17 @@ class JumpReLU(Architecture):
         z = sae.pre_acts(x_BD)
         return Code.from_dense(z * (z > self.threshold))
 
+    @torch.no_grad()
+    def init_from_data(self, sae, x_ND) -> None:
+        """Start each threshold where its latent fires on a fraction k / d_sae of the sample, so that the
+        initial L0 is about k: the L0 penalty then holds it there instead of having to drag thresholds
+        up while the encoder grows to outrun them."""
+        if self.cfg.jumprelu_init_l0 <= 0:
+            return
+        z = sae.pre_acts(x_ND)
+        q = 1 - min(self.cfg.jumprelu_init_l0 / sae.d_sae, 1.0)
+        self.threshold.copy_(torch.quantile(z, q, dim=0).clamp_min(1e-3))
+
     def train_forward(self, sae, x_BD, ctx: TrainContext):
         z_BS = sae.pre_acts(x_BD)
         eps = self.cfg.jumprelu_bandwidth

@@ -1,0 +1,1 @@
+"""Feature analyses: top examples, label entropy, density clusters, neuron alignment."""
