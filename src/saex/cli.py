@@ -63,6 +63,12 @@ def _eval_cmd():
     return EvalConfig, evaluate
 
 
+def _index_cmd():
+    from saex.explorer.index import IndexConfig, build_index
+
+    return IndexConfig, build_index
+
+
 def _demo_cmd():
     from saex.demo import DemoConfig, demo
 
@@ -74,7 +80,8 @@ COMMANDS = {
     "harvest": ("Capture a model's activations over a dataset into RUN/acts/.", _harvest_cmd),
     "train": ("Train sparse autoencoders on a run's activations into RUN/saes/<name>/.", _train_cmd),
     "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", _eval_cmd),
-    "index": ("Build the feature index (top examples, densities) for the explorer.", None),
+    "index": ("Build the feature index (top examples, densities, labels, alignment) into RUN/index/<sae>/.",
+              _index_cmd),
     "explore": ("Serve the feature explorer web app for a run.", None),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
              _demo_cmd),

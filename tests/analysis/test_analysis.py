@@ -73,6 +73,8 @@ def test_otsu_and_the_low_density_cluster():
     out = low_density_cluster(values, live, encoder)
     assert out["member"][:300].all() and not out["member"][300:].any()
     assert out["mean_cos_in"] > 0.9 > 0.2 > abs(out["mean_cos_out"])
+    unrelated = low_density_cluster(values, live, torch.randn(32, 400, generator=g))  # a band, but no shared direction
+    assert not unrelated["member"].any() and unrelated["mean_cos_in"] < 0.3
 
 
 def test_mean_pairwise_cosine_by_hand():

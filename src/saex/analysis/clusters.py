@@ -33,15 +33,22 @@ def mean_pairwise_cosine(vectors_ND: torch.Tensor, max_n: int = 2048, seed: int 
     return float(total / (n * (n - 1)))
 
 
+MIN_COSINE = 0.3  # a lower band whose encoder vectors agree less than this is no cluster
+
+
 def low_density_cluster(log10_mean_act: np.ndarray, live: np.ndarray, encoder_DS: torch.Tensor) -> dict:
     """Members: live features below the Otsu cut of log10 mean top activation (the lower band of seed
-    002's scatter). Reports the cut and the mean encoder cosine inside and outside the cluster."""
+    002's scatter), provided their encoder vectors point the same way (mean pairwise cosine >=
+    MIN_COSINE; otherwise the band is just the weaker half of ordinary features and nobody is a member).
+    Reports the cut and the mean encoder cosine inside and outside the band."""
     member = np.zeros(len(live), dtype=bool)
     if live.sum() < 2:
         return {"member": member, "threshold": float("nan"), "mean_cos_in": float("nan"), "mean_cos_out": float("nan")}
     cut = otsu_threshold(log10_mean_act[live])
     member[live] = log10_mean_act[live] < cut
     vectors = encoder_DS.T
-    return {"member": member, "threshold": cut,
-            "mean_cos_in": mean_pairwise_cosine(vectors[torch.from_numpy(member)]),
-            "mean_cos_out": mean_pairwise_cosine(vectors[torch.from_numpy(live & ~member)])}
+    cos_in = mean_pairwise_cosine(vectors[torch.from_numpy(member)])
+    cos_out = mean_pairwise_cosine(vectors[torch.from_numpy(live & ~member)])
+    if not cos_in >= MIN_COSINE:
+        member[:] = False
+    return {"member": member, "threshold": cut, "mean_cos_in": cos_in, "mean_cos_out": cos_out}

@@ -1,0 +1,1 @@
+"""The feature index (SQLite + thumbnails) and the explorer web app that reads it."""

@@ -1,0 +1,223 @@
+"""The index stage: one resumable pass over a run's activations, then per-feature statistics, top
+examples with thumbnails or token windows, and each example's top features, in one SQLite file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saex.analysis.alignment import neuron_alignment
+from saex.analysis.clusters import low_density_cluster
+from saex.analysis.labels import entropy_bits, label_distribution
+from saex.atomic import atomic_write_bytes
+from saex.data import reopen
+from saex.explorer.scan import Scan
+from saex.explorer.schema import SCHEMA
+from saex.explorer.windows import token_windows
+from saex.runlog import JsonlLog, progress
+from saex.sae.io import CFG, load_sae
+from saex.store import ActivationStore
+
+INDEX = "index.sqlite"
+
+
+@dataclass
+class IndexConfig:
+    run: str = field(default="", metadata={"required": True})
+    """Run folder with acts/ and saes/; the index goes to RUN/index/<sae>/."""
+    sae: str | None = None
+    """SAE to index, by name in RUN/saes/ (default: the only one)."""
+    top: int = 32
+    """Top activating examples kept per feature."""
+    samples: int = 16
+    """Random firing examples kept per feature (for the lower activation quantiles)."""
+    per_example: int = 16
+    """Top features kept per example."""
+    chunk_rows: int = 8192
+    """Rows encoded at a time."""
+    thumb_size: int = 96
+    """Longest side of image thumbnails, in pixels."""
+    window: int = 12
+    """Text: tokens shown on each side of a top example's strongest token."""
+    device: str = "auto"
+    """cpu, cuda, ...; auto picks cuda when there is one."""
+    overwrite: bool = False
+    """Rebuild an index that exists."""
+
+
+def _sae_folder(run: Path, name: str | None) -> Path:
+    found = sorted(p.parent.name for p in (run / "saes").glob(f"*/{CFG}"))
+    if name is None:
+        if len(found) != 1:
+            raise ValueError(f"{run / 'saes'} holds {found or 'no SAE'}; name one with --sae")
+        name = found[0]
+    if name not in found:
+        raise ValueError(f"no SAE named {name!r} in {run / 'saes'}; it has {found}")
+    return run / "saes" / name
+
+
+def build_index(cfg: IndexConfig) -> Path:
+    if not cfg.run:
+        raise ValueError("--run is required")
+    run = Path(cfg.run)
+    store = ActivationStore(run / "acts")
+    folder = _sae_folder(run, cfg.sae)
+    out = run / "index" / folder.name
+    if (out / INDEX).exists() and not cfg.overwrite:
+        print(f"{out / INDEX} exists (--overwrite rebuilds it)")
+        return out
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    sae = load_sae(folder, device)
+    hook = sae.metadata.get("hook") or store.hooks[0]
+    column = store.acts(hook)
+    scan = Scan(sae.d_sae, cfg.top, cfg.samples, cfg.per_example)
+    state_path = out / "scan.pt"
+    identity = {"sae": folder.name, "rows": len(store), "top": cfg.top, "samples": cfg.samples,
+                "per_example": cfg.per_example}
+    if state_path.exists() and not cfg.overwrite:
+        state = torch.load(state_path, weights_only=False)
+        if state["identity"] == identity:
+            scan.load_state_dict(state["scan"])
+    log = JsonlLog(run, "index")
+    log.write("start", sae=folder.name, resume_rows=scan.rows)
+    bar = progress(len(store), f"index {folder.name}", "rows", initial=scan.rows)
+    for shard in range(scan.next_shard, len(store.shards)):
+        scan.scan_shard(sae, store, shard, column, cfg.chunk_rows)
+        buffer = io.BytesIO()
+        torch.save({"identity": identity, "scan": scan.state_dict()}, buffer)
+        atomic_write_bytes(state_path, buffer.getvalue())
+        bar.update(store.shards[shard]["rows"])
+    bar.close()
+    _write(out, cfg, store, sae.cpu(), hook, scan)
+    state_path.unlink(missing_ok=True)
+    log.write("end", sae=folder.name, rows=scan.rows)
+    print(f"indexed {sae.d_sae:,} features of {folder.name} over {scan.rows:,} rows into {out / INDEX}")
+    return out
+
+
+def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], dict]:
+    S, manifest = sae.d_sae, store.manifest
+    density = (scan.fires_S / max(scan.rows, 1)).float()
+    mean_act = torch.where(scan.fires_S > 0, scan.sum_S / scan.fires_S.clamp_min(1), torch.zeros(S, dtype=torch.float64))
+    values = scan.top.value_SK
+    filled = scan.top.example_SK >= 0
+    mean_top20 = (values[:, :20] * filled[:, :20]).sum(1) / filled[:, :20].sum(1).clamp_min(1)
+    examples = scan.example_table()
+    label_of = dict(zip(examples[:, 0].tolist(), examples[:, 3].tolist()))
+    labels_SK = torch.tensor([[label_of.get(e, -1) for e in row] for row in scan.top.example_SK.tolist()])
+    names = manifest.get("label_names") or []
+    entropy, top_label = torch.full((S,), float("nan")), torch.full((S,), -1)
+    if names:
+        dist = label_distribution(labels_SK, values * filled, len(names), top=20)
+        entropy = entropy_bits(dist)
+        top_label = torch.where(dist.sum(1) > 0, dist.argmax(1), torch.full((S,), -1))
+    enc_dec = torch.nn.functional.cosine_similarity(sae.W_enc.T, sae.W_dec, dim=1).detach()
+    meta = {}
+    align = None
+    layer = int(hook.split(".")[1]) - (1 if hook.endswith("hook_resid_pre") else 0)
+    if layer >= 0:
+        try:
+            from saex.models import load_model
+
+            adapter = load_model(manifest["model"])
+            align = neuron_alignment(sae.W_enc.detach(), adapter.mlp_out_directions(layer))
+            meta["neuron_random_range"] = align["random_range"]
+            meta["neuron_layer"] = layer
+        except (ValueError, OSError) as e:
+            print(f"neuron alignment skipped: {e}", file=sys.stderr)
+    live = (density > 0).numpy()
+    log_mean = np.log10(np.maximum(mean_top20.numpy(), 1e-12))
+    cluster = low_density_cluster(log_mean, live, sae.W_enc.detach())
+    meta["dense_cluster"] = {k: v for k, v in cluster.items() if k != "member"} | {"size": int(cluster["member"].sum())}
+    rows = []
+    for j in range(S):
+        rows.append((j, float(density[j]), float(mean_act[j]), float(scan.max_S[j]), float(mean_top20[j]),
+                     None if torch.isnan(entropy[j]) else float(entropy[j]), int(top_label[j]), float(enc_dec[j]),
+                     float(align["max_cos"][j]) if align else None, int(align["neuron"][j]) if align else None,
+                     int(align["n_above_random"][j]) if align else None, int(cluster["member"][j])))
+    return rows, meta
+
+
+def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
+    manifest = store.manifest
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = reopen(manifest["dataset"])
+    features, meta = _feature_table(store, sae, hook, scan)
+    examples = scan.example_table()
+    referenced = set(scan.top.example_SK[scan.top.example_SK >= 0].tolist()) | \
+        set(scan.sample.example_SK[scan.sample.example_SK >= 0].tolist())
+    windows = token_windows(store, sae, hook, scan, examples, manifest, cfg.window) if manifest["modality"] == "text" else {}
+    tmp = out / f".{INDEX}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp)
+    db.executescript(SCHEMA)
+    metrics_path = Path(cfg.run) / "saes" / sae.metadata.get("name", out.name) / "metrics.json"
+    meta.update(sae=out.name, hook=hook, model=manifest["model"], modality=manifest["modality"],
+                tokens=manifest["tokens"], label_names=manifest.get("label_names"), d_sae=sae.d_sae,
+                rows=scan.rows, examples=len(examples), top=cfg.top,
+                metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else None)
+    meta["metrics"] = {k: v for k, v in (meta["metrics"] or {}).items() if k != "density"} or None
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", features)
+    for kind, table in (("top", scan.top), ("sample", scan.sample)):
+        rows = []
+        for j, (exs, vals) in enumerate(zip(table.example_SK.tolist(), table.value_SK.tolist())):
+            order = sorted((-v, e) for e, v in zip(exs, vals) if e >= 0) if kind == "sample" else \
+                [(-v, e) for e, v in zip(exs, vals) if e >= 0]
+            rows += [(j, kind, r, e, -nv, windows.get((j, e))) for r, (nv, e) in enumerate(order)]
+        db.executemany("INSERT INTO feature_examples VALUES (?,?,?,?,?,?)", rows)
+    names = manifest.get("label_names") or []
+    thumbs = out / "thumbs"
+    thumbs.mkdir(exist_ok=True)
+    example_rows = []
+    for ex, _first, _n, label in examples.tolist():
+        item = dataset[ex]
+        thumb = _thumbnail(item.input, thumbs, ex, cfg.thumb_size) if ex in referenced and manifest["modality"] == "image" else None
+        text = item.input if manifest["modality"] == "text" else None
+        example_rows.append((ex, item.id, label, text, thumb))
+    db.executemany("INSERT INTO examples VALUES (?,?,?,?,?)", example_rows)
+    ef = []
+    for shard_examples, feats in zip(scan.examples, scan.example_features):
+        for ex, row in zip(shard_examples[:, 0].tolist(), feats.tolist()):
+            ef += [(ex, r, int(f), v) for r, (f, v) in enumerate(row) if f >= 0]
+    db.executemany("INSERT INTO example_features VALUES (?,?,?,?)", ef)
+    _label_weights(db, names)
+    db.commit()
+    db.close()
+    os.replace(tmp, out / INDEX)
+
+
+def _label_weights(db: sqlite3.Connection, names: list[str]) -> None:
+    """Activation-weighted label distribution of each feature's top 20 examples."""
+    if not names:
+        return
+    db.execute("""INSERT INTO feature_labels
+                  SELECT fe.feature, e.label, SUM(fe.value) / t.total FROM feature_examples fe
+                  JOIN examples e ON e.example = fe.example
+                  JOIN (SELECT feature, SUM(value) AS total FROM feature_examples f2 JOIN examples e2
+                        ON e2.example = f2.example WHERE kind = 'top' AND rank < 20 AND e2.label >= 0
+                        GROUP BY feature) t ON t.feature = fe.feature
+                  WHERE fe.kind = 'top' AND fe.rank < 20 AND e.label >= 0 AND t.total > 0
+                  GROUP BY fe.feature, e.label""")
+
+
+def _thumbnail(image, folder: Path, example: int, size: int) -> str:
+    from PIL import Image
+
+    im = image.copy()
+    scale = size / max(im.size)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.NEAREST if scale >= 2 else Image.BICUBIC)
+    name = f"{example}.png" if im.mode == "L" else f"{example}.jpg"
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG" if im.mode == "L" else "JPEG", quality=88)
+    atomic_write_bytes(folder / name, buffer.getvalue())
+    return name

@@ -1,0 +1,34 @@
+"""The feature index's SQLite schema: what `saex index` writes and the explorer reads."""
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);          -- JSON values
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY,
+    density REAL NOT NULL,          -- fraction of tokens it fires on
+    mean_act REAL,                  -- mean activation when firing
+    max_act REAL,
+    mean_top20 REAL,                -- mean activation over its top 20 examples (seed 002's y axis)
+    label_entropy REAL,             -- bits, of its top-20 label distribution weighted by activation
+    top_label INTEGER,
+    enc_dec_cos REAL,               -- cosine of its encoder and decoder vectors
+    neuron_max_cos REAL,            -- max cosine of its encoder vector with an MLP-out vector
+    neuron INTEGER,                 -- that neuron
+    neurons_above INTEGER,          -- neurons above the random baseline's range
+    dense_cluster INTEGER NOT NULL  -- 1: in the ultra-low-density cluster
+);
+CREATE TABLE feature_examples (
+    feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,   -- kind: top | sample
+    example INTEGER NOT NULL, value REAL NOT NULL,
+    tokens TEXT,                    -- text: JSON [[token, activation], ...] around the strongest token
+    PRIMARY KEY (feature, kind, rank)
+);
+CREATE TABLE feature_labels (feature INTEGER NOT NULL, label INTEGER NOT NULL, weight REAL NOT NULL,
+                             PRIMARY KEY (feature, label));
+CREATE TABLE examples (example INTEGER PRIMARY KEY, id TEXT NOT NULL, label INTEGER NOT NULL,
+                       text TEXT, thumb TEXT);
+CREATE TABLE example_features (example INTEGER NOT NULL, rank INTEGER NOT NULL, feature INTEGER NOT NULL,
+                               value REAL NOT NULL, PRIMARY KEY (example, rank));
+CREATE INDEX feature_examples_by_example ON feature_examples (example);
+CREATE INDEX features_by_density ON features (density);
+CREATE INDEX features_by_label ON features (top_label);
+"""

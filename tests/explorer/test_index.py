@@ -1,0 +1,121 @@
+"""saex index against statistics computed directly from the store and the SAE."""
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+from saex.cli import main
+from saex.explorer.scan import Scan
+from saex.sae.io import load_sae
+from saex.store import ActivationStore
+
+
+def _build(run, model, dataset, tokens, hook, n=200, extra=()):
+    assert main(["harvest", "--run", str(run), "--model", model, "--dataset", dataset, "--tokens", tokens,
+                 "--hook", hook, "--max-examples", str(n), "--batch-size", "25", "--shard-rows", "60"]) == 0
+    assert main(["train", "--run", str(run), "--architecture", "topk", "--k", "4", "--expansion", "2",
+                 "--steps", "30", "--batch-size", "64"]) == 0
+    assert main(["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4", *extra]) == 0
+    return sqlite3.connect(run / "index" / "topk" / "index.sqlite")
+
+
+def _direct(run):
+    store = ActivationStore(run / "acts")
+    sae = load_sae(run / "saes" / "topk")
+    cols = next(store.iter_ordered([store.acts(), "example", "label"], len(store)))
+    with torch.no_grad():
+        f = sae.encode(cols[store.acts()].float()).dense()
+    return store, sae, cols, f
+
+
+@pytest.fixture(scope="module")
+def image_index(tmp_path_factory):
+    run = tmp_path_factory.mktemp("idx")
+    return run, _build(run, "fmnist-vit", "fashion-mnist", "cls", "blocks.2.hook_resid_post")
+
+
+def test_feature_statistics_match_a_direct_computation(image_index):
+    run, db = image_index
+    store, sae, cols, f = _direct(run)
+    rows = {r[0]: r for r in db.execute("SELECT id, density, mean_act, max_act FROM features")}
+    assert len(rows) == sae.d_sae
+    fired = (f > 0).float()
+    for j in range(sae.d_sae):
+        _, density, mean_act, max_act = rows[j]
+        assert density == pytest.approx(float(fired[:, j].mean()), abs=1e-6)
+        if fired[:, j].any():
+            assert mean_act == pytest.approx(float(f[:, j].sum() / fired[:, j].sum()), rel=1e-4)
+            assert max_act == pytest.approx(float(f[:, j].max()), rel=1e-5)
+
+
+def test_top_examples_are_the_strongest(image_index):
+    run, db = image_index
+    store, sae, cols, f = _direct(run)
+    for j in range(0, sae.d_sae, 7):
+        got = db.execute("SELECT example, value FROM feature_examples WHERE feature = ? AND kind = 'top' "
+                         "ORDER BY rank", (j,)).fetchall()
+        expected = f[:, j].topk(5)
+        want = [(int(cols["example"][i]), float(v)) for v, i in zip(expected.values, expected.indices) if v > 0]
+        assert [e for e, _ in got] == [e for e, _ in want][:len(got)] and len(got) == len(want)
+        samples = db.execute("SELECT example, value FROM feature_examples WHERE feature = ? AND kind = 'sample'",
+                             (j,)).fetchall()
+        firing = {int(cols["example"][i]) for i in (f[:, j] > 0).nonzero().squeeze(1).tolist()}
+        assert {e for e, _ in samples} <= firing and len(samples) == min(3, len(firing))
+
+
+def test_labels_entropy_and_examples(image_index):
+    run, db = image_index
+    for feature, entropy in db.execute("SELECT id, label_entropy FROM features WHERE density > 0 LIMIT 20"):
+        weights = [w for (w,) in db.execute("SELECT weight FROM feature_labels WHERE feature = ?", (feature,))]
+        assert sum(weights) == pytest.approx(1.0)
+        assert entropy == pytest.approx(-sum(w * __import__("math").log2(w) for w in weights if w > 0), abs=1e-5)
+    n, thumbs = db.execute("SELECT COUNT(*), COUNT(thumb) FROM examples").fetchone()
+    assert n == 200 and thumbs > 0
+    thumb = db.execute("SELECT thumb FROM examples WHERE thumb IS NOT NULL").fetchone()[0]
+    assert (run / "index" / "topk" / "thumbs" / thumb).stat().st_size > 50
+    meta = dict(db.execute("SELECT key, value FROM meta"))
+    assert json.loads(meta["label_names"])[0] == "T-shirt/top" and json.loads(meta["neuron_layer"]) == 2
+    assert db.execute("SELECT COUNT(*) FROM features WHERE neuron_max_cos IS NULL").fetchone()[0] == 0
+
+
+def test_example_top_features(image_index):
+    run, db = image_index
+    store, sae, cols, f = _direct(run)
+    i = 17
+    ex = int(cols["example"][i])
+    got = db.execute("SELECT feature FROM example_features WHERE example = ? ORDER BY rank", (ex,)).fetchall()
+    assert [g for (g,) in got] == f[i].topk(4).indices.tolist()
+
+
+def test_killed_index_resumes_to_the_same_database(image_index, tmp_path, monkeypatch):
+    run, db = image_index
+    calls = {"n": 0}
+    original = Scan.scan_shard
+
+    def dies_after_two(self, *args):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(Scan, "scan_shard", dies_after_two)
+    assert main(["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4", "--overwrite"]) == 130
+    assert (run / "index" / "topk" / "scan.pt").exists()
+    monkeypatch.setattr(Scan, "scan_shard", original)
+    assert main(["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4"]) == 0
+    # resumed from the saved scan, not rebuilt: the same as the uninterrupted index
+    resumed = sqlite3.connect(run / "index" / "topk" / "index.sqlite")
+    for table in ("features", "feature_examples", "example_features", "feature_labels"):
+        assert sorted(db.execute(f"SELECT * FROM {table}")) == sorted(resumed.execute(f"SELECT * FROM {table}")), table
+
+
+def test_text_index_has_token_windows(tmp_path, tiny_model_dir):
+    db = _build(tmp_path, str(tiny_model_dir["bert"]), "wiki", "content", "blocks.1.hook_resid_post", n=20)
+    feature, value, tokens = db.execute("SELECT feature, value, tokens FROM feature_examples WHERE kind = 'top' "
+                                        "AND tokens IS NOT NULL LIMIT 1").fetchone()
+    window = json.loads(tokens)
+    assert all(isinstance(t, str) for t, _ in window)
+    assert max(a for _, a in window) == pytest.approx(value, rel=1e-3)
+    assert db.execute("SELECT COUNT(text) FROM examples").fetchone()[0] == 20
