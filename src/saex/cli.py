@@ -69,6 +69,12 @@ def _index_cmd():
     return IndexConfig, build_index
 
 
+def _explore_cmd():
+    from saex.explorer.serve import ExploreConfig, explore
+
+    return ExploreConfig, explore
+
+
 def _demo_cmd():
     from saex.demo import DemoConfig, demo
 
@@ -82,7 +88,7 @@ COMMANDS = {
     "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", _eval_cmd),
     "index": ("Build the feature index (top examples, densities, labels, alignment) into RUN/index/<sae>/.",
               _index_cmd),
-    "explore": ("Serve the feature explorer web app for a run.", None),
+    "explore": ("Serve the feature explorer web app for a run (offline, on 127.0.0.1 by default).", _explore_cmd),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
              _demo_cmd),
     "zoo": ("List, train or locate the embedded default models.", lambda: (ZooConfig, run_zoo)),

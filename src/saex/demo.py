@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saex.eval import EvalConfig, evaluate
+from saex.explorer.index import IndexConfig, build_index
+from saex.explorer.serve import ExploreConfig, explore
 from saex.harvest import HarvestConfig, harvest
 from saex.train import TrainConfig, train
 
@@ -19,6 +21,10 @@ class DemoConfig:
     """Examples to harvest (default: 10,000 images or 2,000 articles)."""
     steps: int = 1000
     """Training steps of the demo SAE."""
+    serve: bool = True
+    """Serve the explorer at the end (--no-serve stops after building everything)."""
+    port: int = 8000
+    """Port of the explorer."""
 
 
 def demo(cfg: DemoConfig) -> dict:
@@ -32,12 +38,17 @@ def demo(cfg: DemoConfig) -> dict:
         h = HarvestConfig(run=run, model="fmnist-vit", dataset="fashion-mnist", hook=["blocks.2.hook_resid_post"],
                           tokens="cls", max_examples=cfg.max_examples or 10000, batch_size=256)
         eval_examples = 2000
-    print(f"demo 1/3: harvest {h.model} activations at {h.hook[0]} over {h.dataset}")
+    print(f"demo 1/4: harvest {h.model} activations at {h.hook[0]} over {h.dataset}")
     harvest(h)
-    print("demo 2/3: train a TopK SAE (k 32, 8x expansion)")
+    print("demo 2/4: train a TopK SAE (k 32, 8x expansion)")
     train(TrainConfig(run=run, architecture="topk", k=32, steps=cfg.steps))
-    print("demo 3/3: evaluate it on held-out examples, spliced into the model")
+    print("demo 3/4: evaluate it on held-out examples, spliced into the model")
     results = evaluate(EvalConfig(run=run, examples=eval_examples))
-    print(f"demo: done; everything is in {run}/ (acts/, saes/, eval/, logs/). "
-          "The feature index and explorer come with the next release.")
+    print("demo 4/4: index the features for the explorer")
+    build_index(IndexConfig(run=run))
+    print(f"demo: the pipeline is done; everything is in {run}/ (acts/, saes/, eval/, index/, logs/)")
+    if cfg.serve:
+        explore(ExploreConfig(run=run, port=cfg.port))
+    else:
+        print(f"explore it with: saex explore {run}")
     return results

@@ -160,6 +160,7 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
     db = sqlite3.connect(tmp)
     db.executescript(SCHEMA)
     metrics_path = Path(cfg.run) / "saes" / sae.metadata.get("name", out.name) / "metrics.json"
+    meta["patch_grid"] = _patch_grid(store, examples) if manifest["modality"] == "image" and manifest["tokens"] != "cls" else None
     meta.update(sae=out.name, hook=hook, model=manifest["model"], modality=manifest["modality"],
                 tokens=manifest["tokens"], label_names=manifest.get("label_names"), d_sae=sae.d_sae,
                 rows=scan.rows, examples=len(examples), top=cfg.top,
@@ -178,12 +179,12 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
     thumbs = out / "thumbs"
     thumbs.mkdir(exist_ok=True)
     example_rows = []
-    for ex, _first, _n, label in examples.tolist():
+    for ex, first, n, label in examples.tolist():
         item = dataset[ex]
         thumb = _thumbnail(item.input, thumbs, ex, cfg.thumb_size) if ex in referenced and manifest["modality"] == "image" else None
         text = item.input if manifest["modality"] == "text" else None
-        example_rows.append((ex, item.id, label, text, thumb))
-    db.executemany("INSERT INTO examples VALUES (?,?,?,?,?)", example_rows)
+        example_rows.append((ex, item.id, label, text, thumb, first, n))
+    db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", example_rows)
     ef = []
     for shard_examples, feats in zip(scan.examples, scan.example_features):
         for ex, row in zip(shard_examples[:, 0].tolist(), feats.tolist()):
@@ -193,6 +194,20 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
     db.commit()
     db.close()
     os.replace(tmp, out / INDEX)
+
+
+def _patch_grid(store, examples: torch.Tensor) -> dict | None:
+    """Where an example's patch tokens sit: positions offset .. offset + side^2 - 1 (after a class token)."""
+    if not len(examples):
+        return None
+    first, n = int(examples[0, 1]), int(examples[0, 2])
+    positions = store.take("position", torch.arange(first, first + n)).tolist()
+    for offset in (1, 0):
+        patches = [p for p in positions if p >= offset]
+        side = round(len(patches) ** 0.5)
+        if side * side == len(patches) and patches == list(range(offset, offset + side * side)):
+            return {"offset": offset, "side": side}
+    return None
 
 
 def _label_weights(db: sqlite3.Connection, names: list[str]) -> None:

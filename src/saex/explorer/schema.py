@@ -25,7 +25,8 @@ CREATE TABLE feature_examples (
 CREATE TABLE feature_labels (feature INTEGER NOT NULL, label INTEGER NOT NULL, weight REAL NOT NULL,
                              PRIMARY KEY (feature, label));
 CREATE TABLE examples (example INTEGER PRIMARY KEY, id TEXT NOT NULL, label INTEGER NOT NULL,
-                       text TEXT, thumb TEXT);
+                       text TEXT, thumb TEXT,
+                       first_row INTEGER NOT NULL, n_rows INTEGER NOT NULL);  -- its rows in the store
 CREATE TABLE example_features (example INTEGER NOT NULL, rank INTEGER NOT NULL, feature INTEGER NOT NULL,
                                value REAL NOT NULL, PRIMARY KEY (example, rank));
 CREATE INDEX feature_examples_by_example ON feature_examples (example);

@@ -1,0 +1,125 @@
+"""Read-only queries on a feature index, one connection per request (SQLite is fast at this size)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Filters:
+    """What the feature navigator may skip: zero-entropy features, the dense cluster, a density range."""
+
+    entropy_positive: bool = False
+    hide_cluster: bool = False
+    min_log_density: float | None = None
+    max_log_density: float | None = None
+    label: int | None = None
+
+    def sql(self) -> tuple[str, list]:
+        where, args = ["density > 0"], []
+        if self.entropy_positive:
+            where.append("label_entropy > 0")
+        if self.hide_cluster:
+            where.append("dense_cluster = 0")
+        if self.min_log_density is not None:
+            where.append("density >= ?")
+            args.append(10 ** self.min_log_density)
+        if self.max_log_density is not None:
+            where.append("density <= ?")
+            args.append(10 ** self.max_log_density)
+        if self.label is not None:
+            where.append("top_label = ?")
+            args.append(self.label)
+        return " AND ".join(where), args
+
+
+class IndexDB:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.folder = self.path.parent
+        with self._connect() as db:
+            self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        self.label_names = self.meta.get("label_names") or []
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def feature(self, j: int) -> dict | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM features WHERE id = ?", (j,)).fetchone()
+            if row is None:
+                return None
+            out = dict(row)
+            out["examples"] = [dict(r) for r in db.execute(
+                "SELECT fe.kind, fe.rank, fe.example, fe.value, fe.tokens, e.id AS example_id, e.label, e.thumb "
+                "FROM feature_examples fe JOIN examples e ON e.example = fe.example WHERE fe.feature = ? "
+                "ORDER BY fe.kind, fe.rank", (j,))]
+            out["labels"] = [dict(r) for r in db.execute(
+                "SELECT label, weight FROM feature_labels WHERE feature = ? ORDER BY weight DESC", (j,))]
+        for e in out["examples"]:
+            e["tokens"] = json.loads(e["tokens"]) if e["tokens"] else None
+            e["label_name"] = self.label_name(e["label"])
+        for lab in out["labels"]:
+            lab["name"] = self.label_name(lab["label"])
+        out["top_label_name"] = self.label_name(out["top_label"])
+        return out
+
+    def label_name(self, label: int | None) -> str:
+        if label is None or label < 0 or label >= len(self.label_names):
+            return ""
+        return self.label_names[label]
+
+    def neighbour(self, j: int, step: int, filters: Filters) -> int | None:
+        where, args = filters.sql()
+        op, order = (">", "ASC") if step > 0 else ("<", "DESC")
+        with self._connect() as db:
+            row = db.execute(f"SELECT id FROM features WHERE id {op} ? AND {where} ORDER BY id {order} LIMIT 1",
+                             [j, *args]).fetchone()
+        return row[0] if row else None
+
+    def first(self, filters: Filters) -> int | None:
+        return self.neighbour(-1, 1, filters)
+
+    def scatter(self) -> dict:
+        with self._connect() as db:
+            rows = db.execute("SELECT id, density, mean_top20, label_entropy, dense_cluster FROM features "
+                              "WHERE density > 0").fetchall()
+        return {"id": [r[0] for r in rows], "density": [r[1] for r in rows], "mean_top20": [r[2] for r in rows],
+                "entropy": [r[3] for r in rows], "cluster": [r[4] for r in rows]}
+
+    def example(self, ex: int) -> dict | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM examples WHERE example = ?", (ex,)).fetchone()
+            if row is None:
+                return None
+            out = dict(row)
+            out["features"] = [dict(r) for r in db.execute(
+                "SELECT ef.feature, ef.value, f.top_label, f.density FROM example_features ef "
+                "JOIN features f ON f.id = ef.feature WHERE ef.example = ? ORDER BY ef.rank", (ex,))]
+        out["label_name"] = self.label_name(out["label"])
+        for f in out["features"]:
+            f["top_label_name"] = self.label_name(f["top_label"])
+        return out
+
+    def game_round(self, rng: random.Random, candidates: int, max_log_density: float | None) -> dict:
+        """An example with a thumbnail or text, its top features with their grids, and candidates."""
+        with self._connect() as db:
+            pool = [r[0] for r in db.execute("SELECT example FROM examples WHERE thumb IS NOT NULL OR text IS NOT NULL")]
+            if len(pool) < candidates:
+                raise ValueError(f"the index has {len(pool)} examples with a picture or text; the game needs {candidates}")
+            answer = rng.choice(pool)
+            where = "" if max_log_density is None else f" AND f.density <= {10 ** float(max_log_density)!r}"
+            feats = [r[0] for r in db.execute(
+                "SELECT ef.feature FROM example_features ef JOIN features f ON f.id = ef.feature "
+                f"WHERE ef.example = ?{where} ORDER BY ef.rank LIMIT 3", (answer,))]
+        others = rng.sample([p for p in pool if p != answer], candidates - 1)
+        options = others + [answer]
+        rng.shuffle(options)
+        return {"answer": answer, "features": [self.feature(f) for f in feats],
+                "options": [self.example(o) for o in options]}

@@ -1,0 +1,140 @@
+"""Every page and the game in a real headless Chromium (Debian's), with screenshots kept as artefacts
+in test-artifacts/screenshots/."""
+
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from saex.explorer.app import create_app
+from tests.explorer.conftest import serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(__file__).parents[2] / "test-artifacts" / "screenshots"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def site(image_run):
+    url, server = serve(create_app(image_run))
+    yield url
+    server.should_exit = True
+
+
+def _page(browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return page, errors
+
+
+def _shot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_overview_scatter_opens_a_feature(browser, site):
+    page, errors = _page(browser)
+    page.goto(site + "/")
+    page.wait_for_function("document.getElementById('scatter').dataset.points > 0")
+    assert "L0" in page.inner_text("table.metrics")
+    _shot(page, "overview")
+    # click on the first plotted point: it opens that feature
+    point = page.evaluate("""async () => {
+        const d = await (await fetch('/api/scatter')).json();
+        const c = document.getElementById('scatter'), r = c.getBoundingClientRect();
+        const ld = d.density.map(Math.log10), lm = d.mean_top20.map(m => Math.log10(Math.max(m, 1e-6)));
+        const xr = [Math.min(...ld), Math.max(...ld) + 1e-9], yr = [Math.min(...lm), Math.max(...lm) + 1e-9];
+        const x = 42 + (ld[0] - xr[0]) / (xr[1] - xr[0]) * (c.width - 52), y = c.height - 30 - (lm[0] - yr[0]) / (yr[1] - yr[0]) * (c.height - 40);
+        return {x: r.left + x, y: r.top + y};
+    }""")
+    page.mouse.click(point["x"], point["y"])
+    page.wait_for_url(re.compile(r".*/feature/\d+"))
+    assert page.locator("h1").inner_text().startswith("Feature")
+    assert not errors, errors
+
+
+def test_feature_page_grid_plots_and_navigation(browser, site, image_run):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
+                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    page, errors = _page(browser)
+    page.goto(f"{site}/feature/{j}")
+    assert page.locator("#top-grid img").count() == 16
+    page.wait_for_function("document.getElementById('act-hist').getContext('2d') !== null")
+    assert page.locator("#labels div").count() >= 1
+    _shot(page, "feature")
+    page.click("#next")
+    page.wait_for_url(re.compile(r".*/feature/\d+"))
+    assert int(page.url.rsplit("/", 1)[1].split("?")[0]) > j
+    page.fill("#jump", str(j))
+    page.click("form.nav button")
+    page.wait_for_url(re.compile(rf".*/feature/{j}(\?.*)?$"))
+    page.check("input[name=hide_cluster]")
+    page.click("form.nav button")
+    page.wait_for_url(re.compile(r".*hide_cluster=true.*"))
+    assert not errors, errors
+
+
+def test_example_page_heatmap(browser, site, image_run):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    ex = db.execute("SELECT example FROM examples WHERE thumb IS NOT NULL LIMIT 1").fetchone()[0]
+    page, errors = _page(browser)
+    page.goto(f"{site}/example/{ex}")
+    page.wait_for_function("document.getElementById('heatmap').dataset.feature !== undefined")
+    second = page.locator("tr[data-feature]").nth(1)
+    feature = second.get_attribute("data-feature")
+    second.locator("td").nth(1).click()
+    page.wait_for_function(f"document.getElementById('heatmap').dataset.feature === '{feature}'")
+    _shot(page, "example")
+    assert not errors, errors
+
+
+def test_game_scores_a_guess(browser, site):
+    page, errors = _page(browser)
+    page.goto(site + "/game?seed=7")
+    assert page.locator(".option").count() == 4
+    _shot(page, "game")
+    page.click('.option[data-correct="yes"]')
+    assert page.inner_text("#verdict") == "Right!"
+    assert page.inner_text("#score") == "1" and page.inner_text("#streak") == "1"
+    page.goto(site + "/game?seed=8")
+    page.click('.option[data-correct="no"]')
+    assert page.inner_text("#streak") == "0" and page.inner_text("#score") == "1"
+    _shot(page, "game-answered")
+    assert not errors, errors
+
+
+def test_unknown_feature_page(browser, site):
+    page, _ = _page(browser)
+    response = page.goto(site + "/feature/424242")
+    assert response.status == 404 and "does not exist" in page.inner_text("p.error")
+    _shot(page, "not-found")
+
+
+def test_text_feature_page_highlights_tokens(browser, text_run):
+    url, server = serve(create_app(text_run))
+    try:
+        page, errors = _page(browser)
+        page.goto(url + "/features")
+        assert page.locator("#top-grid .tok").count() > 0
+        _shot(page, "feature-text")
+        assert not errors, errors
+    finally:
+        server.should_exit = True
