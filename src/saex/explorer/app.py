@@ -124,7 +124,7 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
 
     @app.get("/api/scatter")
     def scatter():
-        return db.scatter()
+        return JSONResponse(db.scatter())  # plain lists: skip FastAPI's per-element encoder (65k features)
 
     @app.get("/api/feature/{j}")
     def feature_json(j: int):
