@@ -48,11 +48,6 @@ def test_config_parsing_roundtrip(tmp_path):
     assert config.field_docs(_Cfg) == {"name": "The name.", "n": "How many."}
 
 
-def test_stages_not_built_yet_say_so(capsys):
-    assert main(["index"]) == 2
-    assert "not built yet" in capsys.readouterr().err
-
-
 def test_zoo_list(capsys):
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out

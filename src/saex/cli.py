@@ -81,7 +81,7 @@ def _demo_cmd():
     return DemoConfig, demo
 
 
-# name -> (help, loader of (config class, function)); stages yet to come say so when run
+# name -> (help, loader of (config class, function)); loaders import a stage only when it is used
 COMMANDS = {
     "harvest": ("Capture a model's activations over a dataset into RUN/acts/.", _harvest_cmd),
     "train": ("Train sparse autoencoders on a run's activations into RUN/saes/<name>/.", _train_cmd),
@@ -95,28 +95,26 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (`only`) one whose other subcommands have no flags, which saves importing
+    every stage's modules (torch, transformers, FastAPI) just to run one."""
     parser = argparse.ArgumentParser(prog="saex", description="Train, evaluate and explore sparse autoencoders "
                                      "on vision and language transformers.")
     parser.add_argument("--version", action="version", version=f"saex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, loader) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           )
-        if loader is not None:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
             configs.add_arguments(p, loader()[0])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
-    loader = COMMANDS[args.command][1]
-    if loader is None:
-        print(f"saex {args.command}: this stage is not built yet; harvest, train, eval, demo and zoo work today",
-              file=sys.stderr)
-        return 2
-    cls, fn = loader()
+    cls, fn = COMMANDS[args.command][1]()
     try:
         fn(configs.from_args(cls, args))
     except KeyboardInterrupt:
@@ -138,9 +136,6 @@ def markdown_reference() -> str:
     lines = ["# Command reference", "", "Generated from `saex --help` by `make docs`; do not edit by hand.", ""]
     for name, p in sub.choices.items():
         lines += [f"## saex {name}", "", COMMANDS[name][0], ""]
-        if COMMANDS[name][1] is None:
-            lines += ["Not built yet: this stage arrives with a later release.", ""]
-            continue
         lines += ["```", p.format_usage().strip().removeprefix("usage: "), "```", ""]
         lines += ["| flag | help |", "|---|---|"]
         for action in p._actions:
