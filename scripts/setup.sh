@@ -37,7 +37,14 @@ if [ -n "$need" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip() {  # quiet unless it fails (then its whole log, less this machine's find-links chatter)
+  local log status=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" >"$log" 2>&1 || status=$?
+  if [ "$status" != 0 ]; then grep -v "is ignored: it is neither a file nor a directory" "$log" >&2; fi
+  rm -f "$log"
+  return "$status"
+}
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then

@@ -82,7 +82,7 @@ def test_april_l1_is_weighted_by_decoder_norms():
     x = torch.randn(5, 12)
     out = sae.train_forward(x, TrainContext(sparsity_coefficient=2.0))
     f = torch.relu(sae.pre_acts(x)).detach()
-    assert out.losses["sparsity"].detach().item() == pytest.approx(2.0 * float((f * sae.W_dec.norm(dim=1)).sum(1).mean()), rel=1e-5)
+    assert out.losses["sparsity"].item() == pytest.approx(2.0 * float((f * sae.W_dec.detach().norm(dim=1)).sum(1).mean()), rel=1e-5)
 
 
 def test_auxk_and_ghost_grads_only_with_dead_latents():
