@@ -82,3 +82,21 @@ def test_empty_form_fields_mean_no_filter_and_bad_numbers_are_400(client):
     assert r.status_code == 303 and "hide_cluster=true" in r.headers["location"]
     r = client.get("/features?dmin=abc")
     assert r.status_code == 400 and "dmin='abc' is not a valid float" in r.text
+
+
+def test_game_modes(client):
+    assert client.get("/game?mode=bogus").status_code == 422
+    page = client.get("/game?mode=class&seed=1").text
+    assert page.count('data-correct="yes"') == 1 and "Ankle boot" in page
+
+
+def test_explore_refuses_a_busy_port(image_run):
+    import socket
+
+    from saex.explorer.serve import ExploreConfig, explore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ValueError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*pass another --port"):
+            explore(ExploreConfig(run=str(image_run), port=s.getsockname()[1]))

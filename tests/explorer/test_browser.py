@@ -138,3 +138,13 @@ def test_text_feature_page_highlights_tokens(browser, text_run):
         assert not errors, errors
     finally:
         server.should_exit = True
+
+
+def test_guess_the_class(browser, site):
+    page, errors = _page(browser)
+    page.goto(site + "/game?mode=class&seed=5")
+    assert page.locator(".option").count() == 10  # the ten Fashion-MNIST classes
+    page.click('.option[data-correct="yes"]')
+    assert page.inner_text("#verdict") == "Right!"
+    _shot(page, "game-class")
+    assert not errors, errors

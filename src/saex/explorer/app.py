@@ -114,13 +114,18 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
 
     @app.get("/game", response_class=HTMLResponse)
     def game(request: Request, candidates: int = Query(4, ge=2, le=12), max_log_density: float | None = None,
-             seed: int | None = None):
+             seed: int | None = None, mode: str = Query("input", pattern="^(input|class)$")):
         rng = random.Random(seed)
+        if mode == "class" and not db.label_names:
+            raise HTTPException(404, "this dataset has no labels to guess; play mode=input")
         try:
             round_ = db.game_round(rng, candidates, max_log_density)
         except ValueError as e:
             raise HTTPException(404, str(e)) from e
-        return page(request, "game.html", r=round_, candidates=candidates, max_log_density=max_log_density)
+        if mode == "class":  # guess the class instead: every label is a candidate
+            answer_label = next(o["label"] for o in round_["options"] if o["example"] == round_["answer"])
+            round_["classes"] = [{"name": n, "correct": i == answer_label} for i, n in enumerate(db.label_names)]
+        return page(request, "game.html", r=round_, candidates=candidates, max_log_density=max_log_density, mode=mode)
 
     @app.get("/api/scatter")
     def scatter():

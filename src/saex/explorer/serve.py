@@ -24,6 +24,13 @@ def explore(cfg: ExploreConfig) -> None:
 
     if not cfg.run:
         raise ValueError("name the run folder: saex explore RUN")
+    import socket
+
     app = create_app(cfg.run, cfg.sae)
+    with socket.socket() as probe:
+        try:
+            probe.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); pass another --port") from None
     print(f"saex explorer for {cfg.run}: http://{cfg.host}:{cfg.port}/  (Ctrl-C stops it)")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
