@@ -117,5 +117,6 @@ def test_text_index_has_token_windows(tmp_path, tiny_model_dir):
                                         "AND tokens IS NOT NULL LIMIT 1").fetchone()
     window = json.loads(tokens)
     assert all(isinstance(t, str) for t, _ in window)
+    assert " " in "".join(t for t, _ in window) and not any(t.startswith("##") for t, _ in window)
     assert max(a for _, a in window) == pytest.approx(value, rel=1e-3)
     assert db.execute("SELECT COUNT(text) FROM examples").fetchone()[0] == 20

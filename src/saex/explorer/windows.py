@@ -28,10 +28,22 @@ def token_windows(store, sae, hook: str, scan, examples: torch.Tensor, manifest:
         first, n = rows_of[ex]
         rows = torch.arange(first, first + n)
         acts = sae.encode(store.take(column, rows).float()).dense()[:, features]
-        tokens = tokenizer.convert_ids_to_tokens(store.take("token", rows).tolist())
+        ids = store.take("token", rows).tolist()
         for i, feature in enumerate(features):
             a = acts[:, i]
             centre = int(a.argmax())
             lo, hi = max(0, centre - window), min(n, centre + window + 1)
-            out[(feature, ex)] = json.dumps([[tokens[t], round(float(a[t]), 4)] for t in range(lo, hi)])
+            pieces = surface_pieces(tokenizer, ids[lo:hi])
+            out[(feature, ex)] = json.dumps([[pieces[t - lo], round(float(a[t]), 4)] for t in range(lo, hi)])
     return out
+
+
+def surface_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as it appears in the decoded text, spaces included (WordPiece "##", BPE "Ġ" and
+    SentencePiece "▁" markers resolved by the tokenizer itself): decode prefixes and take differences."""
+    pieces, previous = [], ""
+    for t in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:t], clean_up_tokenization_spaces=False)
+        pieces.append(text[len(previous):] if text.startswith(previous) else tokenizer.decode(ids[t - 1:t]))
+        previous = text
+    return pieces
