@@ -120,3 +120,10 @@ def test_text_index_has_token_windows(tmp_path, tiny_model_dir):
     assert " " in "".join(t for t, _ in window) and not any(t.startswith("##") for t, _ in window)
     assert max(a for _, a in window) == pytest.approx(value, rel=1e-3)
     assert db.execute("SELECT COUNT(text) FROM examples").fetchone()[0] == 20
+
+
+def test_index_asks_which_sae_when_there_are_several(image_run, capsys):
+    assert main(["index", "--run", str(image_run)]) == 2
+    assert "name one with --sae" in capsys.readouterr().err
+    assert main(["index", "--run", str(image_run), "--sae", "nope"]) == 2
+    assert "no SAE named ['nope']" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from saex.eval.splice import SpliceStats
 from saex.models import load_model
 from saex.models.heads import head_kind, head_output, prompt_features
 from saex.runlog import JsonlLog, progress
-from saex.sae.io import CFG, load_sae
+from saex.sae.io import load_sae, saved_saes
 from saex.store import load_manifest
 
 
@@ -58,24 +58,12 @@ def _held_out(manifest: dict, cfg: EvalConfig):
     return dataset, np.random.default_rng(0).permutation(len(dataset))[: cfg.examples]
 
 
-def _sae_folders(run: Path, names: list[str]) -> list[Path]:
-    found = sorted(p.parent for p in (run / "saes").glob(f"*/{CFG}"))
-    if names:
-        missing = [n for n in names if not (run / "saes" / n / CFG).exists()]
-        if missing:
-            raise ValueError(f"no SAE named {missing} in {run / 'saes'}; it has {[p.name for p in found]}")
-        return [run / "saes" / n for n in names]
-    if not found:
-        raise ValueError(f"no trained SAE in {run / 'saes'}; run saex train first")
-    return found
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     if not cfg.run:
         raise ValueError("--run is required")
     run = Path(cfg.run)
     manifest = load_manifest(run / "acts")
-    folders = _sae_folders(run, cfg.sae)
+    folders = saved_saes(run / "saes", cfg.sae)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     saes = {f.name: load_sae(f, device) for f in folders}
     adapter = load_model(manifest["model"], device)

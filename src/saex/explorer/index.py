@@ -23,7 +23,7 @@ from saex.explorer.scan import Scan
 from saex.explorer.schema import SCHEMA
 from saex.explorer.windows import token_windows
 from saex.runlog import JsonlLog, progress
-from saex.sae.io import CFG, load_sae
+from saex.sae.io import load_sae, saved_saes
 from saex.store import ActivationStore
 
 INDEX = "index.sqlite"
@@ -53,23 +53,15 @@ class IndexConfig:
     """Rebuild an index that exists."""
 
 
-def _sae_folder(run: Path, name: str | None) -> Path:
-    found = sorted(p.parent.name for p in (run / "saes").glob(f"*/{CFG}"))
-    if name is None:
-        if len(found) != 1:
-            raise ValueError(f"{run / 'saes'} holds {found or 'no SAE'}; name one with --sae")
-        name = found[0]
-    if name not in found:
-        raise ValueError(f"no SAE named {name!r} in {run / 'saes'}; it has {found}")
-    return run / "saes" / name
-
-
 def build_index(cfg: IndexConfig) -> Path:
     if not cfg.run:
         raise ValueError("--run is required")
     run = Path(cfg.run)
     store = ActivationStore(run / "acts")
-    folder = _sae_folder(run, cfg.sae)
+    folders = saved_saes(run / "saes", [cfg.sae] if cfg.sae else None)
+    if len(folders) != 1:
+        raise ValueError(f"{run / 'saes'} holds {[f.name for f in folders]}; name one with --sae")
+    folder = folders[0]
     out = run / "index" / folder.name
     if (out / INDEX).exists() and not cfg.overwrite:
         print(f"{out / INDEX} exists (--overwrite rebuilds it)")

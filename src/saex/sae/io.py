@@ -21,6 +21,20 @@ SAELENS_LAYOUT = "6.0.0"
 SAELENS_TO_SAEX = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
+def saved_saes(folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """SAE folders (those holding a cfg.json) directly in `folder`, sorted; `names` picks and checks some."""
+    folder = Path(folder)
+    found = sorted(p.parent for p in folder.glob(f"*/{CFG}"))
+    if not found:
+        raise ValueError(f"no trained SAE in {folder}; run saex train first")
+    if names:
+        missing = [n for n in names if not (folder / n / CFG).exists()]
+        if missing:
+            raise ValueError(f"no SAE named {missing} in {folder}; it has {[p.name for p in found]}")
+        return [folder / n for n in names]
+    return found
+
+
 def save_sae(sae: SAE, folder: str | Path, extra_metadata: dict | None = None) -> Path:
     """Write `folder` atomically (a temporary folder renamed into place)."""
     from saex.atomic import atomic_folder
