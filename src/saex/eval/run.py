@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saex import config as configs
 from saex.atomic import atomic_write_json
 from saex.data import UnreadableExample, reopen
 from saex.eval.metrics import ReconstructionStats
@@ -120,6 +121,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         density_plot(m, folder / "density")
         results[name] = {k: v for k, v in m.items() if k != "density"}
     atomic_write_json(run / "eval" / "metrics.json", results)
+    configs.save(cfg, run / "eval" / "config.json")
     if len(results) > 1:
         pareto_plot(results, run / "eval" / "pareto")
     JsonlLog(run, "eval").write("end", results=results)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saex import config as configs
 from saex.analysis.alignment import neuron_alignment
 from saex.analysis.clusters import low_density_cluster
 from saex.analysis.labels import entropy_bits, label_distribution
@@ -89,6 +90,7 @@ def build_index(cfg: IndexConfig) -> Path:
         bar.update(store.shards[shard]["rows"])
     bar.close()
     _write(out, cfg, store, sae.cpu(), hook, scan)
+    configs.save(cfg, out / "config.json")
     state_path.unlink(missing_ok=True)
     log.write("end", sae=folder.name, rows=scan.rows)
     print(f"indexed {sae.d_sae:,} features of {folder.name} over {scan.rows:,} rows into {out / INDEX}")
