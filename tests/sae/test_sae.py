@@ -26,7 +26,7 @@ def _sae(arch, **kw):
 
 
 def _train_a_bit(sae, steps=3):
-    opt = make_adam(sae.parameters(), 1e-2, torch.device("cpu"))
+    opt = make_adam(sae.parameters(), 1e-2)
     for _ in range(steps):
         out = sae.train_forward(torch.randn(64, 12), TrainContext(1.0, torch.zeros(40, dtype=torch.bool)))
         opt.zero_grad()
@@ -105,7 +105,7 @@ def test_matryoshka_prefixes():
 
 def test_permuting_latents_keeps_the_function_and_moves_adam_state():
     sae = _sae("topk", matryoshka="fixed")
-    opt = make_adam(sae.parameters(), 1e-2, torch.device("cpu"))
+    opt = make_adam(sae.parameters(), 1e-2)
     out = sae.train_forward(torch.randn(32, 12), TrainContext())
     out.loss.backward()
     opt.step()

@@ -109,3 +109,23 @@ def test_metrics_mirror_to_wandb_offline(toy_run, monkeypatch):
                  "--log-every", "5", "--name", "wb", "--wandb-project", "saex-test"]) == 0
     history = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert history and history[0].stat().st_size > 0
+
+
+def _fvu(run, name):
+    from saex.store import ActivationStore
+
+    store = ActivationStore(run / "acts")
+    x = next(store.iter_ordered([store.acts()], len(store)))[store.acts()].float()
+    with torch.no_grad():
+        x_hat = load_sae(run / "saes" / name)(x)
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_fast_topk_path_trains_as_well_as_the_reference(toy_run):
+    run, _ = toy_run
+    common = ["train", "--run", str(run), "--architecture", "topk", "--k", "4", "--d-sae", "64", "--steps", "300",
+              "--batch-size", "256", "--lr", "3e-3"]
+    assert main(common + ["--encoder-kernel", "dense", "--name", "ref"]) == 0
+    assert main(common + ["--encoder-kernel", "sparse", "--select-precision", "bfloat16", "--name", "fast"]) == 0
+    ref, fast = _fvu(run, "ref"), _fvu(run, "fast")
+    assert abs(fast - ref) <= 0.01 * ref + 1e-4, (ref, fast)

@@ -17,7 +17,7 @@ from saex.train.schedule import lr_factor, sparsity_factor
 class Trainee:
     def __init__(self, name: str, cfg: TrainConfig, sae: SAE, device: torch.device):
         self.name, self.cfg, self.sae, self.device = name, cfg, sae.to(device), device
-        self.opt = make_adam(self.sae.parameters(), cfg.lr, device)
+        self.opt = make_adam(self.sae.parameters(), cfg.lr)
         self.dead = DeadTracker(sae.d_sae, cfg.dead_tokens, device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.fired_count_S = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)  # since last re-sort

@@ -7,6 +7,7 @@ import torch
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Code
+from saex.sae.kernels import topk_encode
 
 
 class TopK(Architecture):
@@ -22,9 +23,19 @@ class TopK(Architecture):
     def training_code(self, z_BS: torch.Tensor) -> Code:
         return self.select(z_BS, self.cfg.k)
 
+    def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
+        """The sparse kernel serves plain TopK steps; AuxK on dead latents and Multi-TopK need all of z."""
+        dead = self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any())
+        return self.cfg.encoder_kernel == "sparse" and not self.cfg.multi_topk and not dead
+
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        z_BS = sae.pre_acts(x_BD)
-        code = self.training_code(z_BS)
+        if self.uses_sparse_kernel(ctx):
+            select = torch.bfloat16 if self.cfg.select_precision == "bfloat16" else None
+            values, indices = topk_encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.cfg.k, select)
+            z_BS, code = None, Code(values, indices, sae.d_sae)
+        else:
+            z_BS = sae.pre_acts(x_BD)
+            code = self.training_code(z_BS)
         x_hat = sae.decode(code)
         losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
                           else sum_sq(x_BD, x_hat))}
@@ -41,6 +52,9 @@ class BatchTopK(TopK):
     """Keeps the top k*B activations of the whole batch; infers with one global threshold (a JumpReLU)."""
 
     saelens_name = "jumprelu"
+
+    def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
+        return False  # the selection spans the batch: it needs every pre-activation
 
     def __init__(self, cfg):
         super().__init__(cfg)
