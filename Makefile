@@ -9,6 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from saex.models import load_model
 
