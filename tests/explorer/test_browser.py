@@ -61,7 +61,7 @@ def test_overview_scatter_opens_a_feature(browser, site):
         const c = document.getElementById('scatter'), r = c.getBoundingClientRect();
         const ld = d.density.map(Math.log10), lm = d.mean_top20.map(m => Math.log10(Math.max(m, 1e-6)));
         const xr = [Math.min(...ld), Math.max(...ld) + 1e-9], yr = [Math.min(...lm), Math.max(...lm) + 1e-9];
-        const x = 42 + (ld[0] - xr[0]) / (xr[1] - xr[0]) * (c.width - 52), y = c.height - 30 - (lm[0] - yr[0]) / (yr[1] - yr[0]) * (c.height - 40);
+        const x = 58 + (ld[0] - xr[0]) / (xr[1] - xr[0]) * (c.width - 68), y = c.height - 30 - (lm[0] - yr[0]) / (yr[1] - yr[0]) * (c.height - 40);
         return {x: r.left + x, y: r.top + y};
     }""")
     page.mouse.click(point["x"], point["y"])

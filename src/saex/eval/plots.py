@@ -35,8 +35,9 @@ def pareto_plot(results: dict[str, dict], out_stem: Path) -> list[Path]:
         for l0, fvu, name in points:
             ax.annotate(name, (l0, fvu), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))  # labels even within one decade
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("L0 (active latents per token)")

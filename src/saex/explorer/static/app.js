@@ -1,17 +1,21 @@
 // The explorer's client side: plots drawn on canvases from the server's JSON, and the game's scoring.
 const saex = (() => {
-  const pad = { l: 42, r: 10, t: 10, b: 30 };
+  const pad = { l: 58, r: 10, t: 10, b: 30 };
 
   function axes(ctx, w, h, xr, yr, xl, yl) {
     ctx.strokeStyle = "#98a2b3"; ctx.fillStyle = "#475467"; ctx.font = "11px system-ui";
     ctx.beginPath(); ctx.moveTo(pad.l, pad.t); ctx.lineTo(pad.l, h - pad.b); ctx.lineTo(w - pad.r, h - pad.b); ctx.stroke();
     for (let i = 0; i <= 4; i++) {
       const x = xr[0] + (xr[1] - xr[0]) * i / 4, y = yr[0] + (yr[1] - yr[0]) * i / 4;
-      ctx.fillText(x.toFixed(1), pad.l + (w - pad.l - pad.r) * i / 4 - 8, h - pad.b + 14);
-      ctx.fillText(y.toFixed(1), 2, h - pad.b - (h - pad.t - pad.b) * i / 4 + 4);
+      ctx.textAlign = "center";
+      ctx.fillText(x.toFixed(1), pad.l + (w - pad.l - pad.r) * i / 4, h - pad.b + 14);
+      ctx.textAlign = "right";
+      ctx.fillText(y.toFixed(1), pad.l - 4, h - pad.b - (h - pad.t - pad.b) * i / 4 + 4);
     }
+    ctx.textAlign = "left";
     ctx.fillText(xl, w / 2 - 30, h - 3);
-    ctx.save(); ctx.translate(10, h / 2 + 30); ctx.rotate(-Math.PI / 2); ctx.fillText(yl, 0, 0); ctx.restore();
+    ctx.save(); ctx.translate(11, h / 2); ctx.rotate(-Math.PI / 2); ctx.textAlign = "center"; ctx.fillText(yl, 0, 0);
+    ctx.restore();
   }
 
   function histogram(canvas, values, bins, xl) {
