@@ -35,8 +35,9 @@ class HarvestConfig:
     """Dataset split (fashion-mnist: train or test; Hugging Face datasets: any split)."""
     data_path: str | None = None
     """Where a built-in dataset lives when not in its default place."""
-    text_field: str = "text"
-    """JSONL / Hugging Face column holding the text."""
+    text_field: str | None = None
+    """Column holding the text (default: "text" for JSONL; for Hugging Face datasets the image column
+    when there is one, else the first of text, content, sentence, document)."""
     label_field: str | None = None
     """JSONL / Hugging Face column holding the label."""
     hook: list[str] = field(default_factory=list)

@@ -84,3 +84,20 @@ def test_text_and_jsonl_files(tmp_path):
 def test_unknown_dataset_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet': use one of \['fashion-mnist', 'wiki'\]"):
         open_dataset("imagenet")
+
+
+def test_hugging_face_dataset_from_a_local_folder(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"]),
+                                  "image": datasets.Image()})
+    images = [Image.new("RGB", (9, 7), c) for c in ("red", "green", "blue")]
+    ds = datasets.Dataset.from_dict({"text": ["bad", "good", "fine"], "label": [0, 1, 1], "image": images},
+                                    features=features)
+    (tmp_path / "data").mkdir()
+    ds.to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    text = open_dataset(f"hf:{tmp_path}", split="train", text_field="text")
+    assert text.modality == "text" and len(text) == 3 and text.label_names == ["neg", "pos"]
+    assert (text[1].input, text[1].label, text[1].id) == ("good", 1, "train/1")
+    pictures = open_dataset(f"hf:{tmp_path}", split="train")
+    assert pictures.modality == "image" and pictures[2].input.size == (9, 7)
+    assert reopen(pictures.describe())[0].label == 0

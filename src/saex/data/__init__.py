@@ -17,7 +17,7 @@ BUILTIN = {
 }
 
 
-def open_dataset(name: str, split: str = "train", path: str | None = None, text_field: str = "text",
+def open_dataset(name: str, split: str = "train", path: str | None = None, text_field: str | None = None,
                  label_field: str | None = None) -> Dataset:
     """A built-in name (`fashion-mnist`, `wiki`), `hf:<hub id>`, or a path: a folder of images in the
     ImageFolder layout, a folder of IDX files, a .txt file (a line per example) or a .jsonl file."""
@@ -30,7 +30,7 @@ def open_dataset(name: str, split: str = "train", path: str | None = None, text_
     if name.startswith("hf:"):
         from saex.data.hf import HFDataset
 
-        return HFDataset(name[3:], split, text_field if text_field != "text" else None, label_field)
+        return HFDataset(name[3:], split, text_field, label_field)
     p = Path(name)
     if p.is_dir():
         if is_idx_folder(p):
@@ -41,7 +41,7 @@ def open_dataset(name: str, split: str = "train", path: str | None = None, text_
     if p.is_file() and p.suffix in (".txt", ".jsonl"):
         from saex.data.textfiles import TextFile
 
-        return TextFile(p, text_field, label_field)
+        return TextFile(p, text_field or "text", label_field)
     raise ValueError(
         f"unknown dataset {name!r}: use one of {sorted(BUILTIN)}, hf:<hub id>, an image folder, "
         "a folder of IDX files, or a .txt/.jsonl file"
