@@ -164,3 +164,12 @@ def test_completed_harvest_is_not_redone(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "acts" / "shard_000000.safetensors").stat().st_mtime_ns == before
     log = [json.loads(line) for line in (tmp_path / "logs" / "harvest.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log] == ["start", "end"] and log[1]["examples_per_s"] > 0
+
+
+def test_loader_workers_give_the_same_rows(tmp_path, tiny_model_dir):
+    base = ["harvest", "--model", str(tiny_model_dir["bert"]), "--dataset", "wiki", "--max-examples", "40",
+            "--batch-size", "8", "--hook", "blocks.1.hook_resid_post"]
+    assert main(base + ["--run", str(tmp_path / "w0"), "--workers", "0"]) == 0
+    assert main(base + ["--run", str(tmp_path / "w2"), "--workers", "2"]) == 0
+    a, b = _columns(tmp_path / "w0" / "acts"), _columns(tmp_path / "w2" / "acts")
+    assert all(torch.equal(a[k], b[k]) for k in a)

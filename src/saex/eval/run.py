@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         bar.update(min(cfg.batch_size, len(indices) - start))
         if not examples:
             continue
-        batch = adapter.prepare([e.input for e in examples], manifest.get("context_size") or 128)
+        batch = adapter.on_device(adapter.prepare([e.input for e in examples], manifest.get("context_size") or 128))
         acts = adapter.capture(batch, hooks)
         n_tokens = next(iter(acts.values())).shape[1]
         mask_BT = adapter.select(batch, n_tokens, manifest["tokens"]).to(adapter.device)
@@ -108,7 +108,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
                 return out
             spliced = adapter.run_edited(run_head, points[name], through_sae)
             splice[name].update({"clean": clean, "sae": spliced, "zero": zeros[points[name]],
-                                 "input_ids": batch.inputs.get("input_ids")}, labels, batch.attention_BT)
+                                 "input_ids": batch.inputs.get("input_ids")}, labels,
+                                batch.inputs.get("attention_mask"))  # on the model's device, like the logits
     bar.close()
 
     results = {}

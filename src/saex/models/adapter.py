@@ -76,18 +76,24 @@ class ModelAdapter:
     # -- inputs ---------------------------------------------------------------------------------
 
     def prepare(self, inputs: list, context_size: int = 128) -> Batch:
+        """Tokenised or preprocessed inputs, on the CPU."""
         if self.modality == "image":
             mode = "L" if self.num_channels == 1 else "RGB"
             images = [im if im.mode == mode else im.convert(mode) for im in inputs]
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            return Batch({"pixel_values": pixels.to(self.device, self.dtype)})
+            return Batch({"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]})
         if self.max_tokens:
             context_size = min(context_size, self.max_tokens)
         enc = self.processor(list(inputs), padding=True, truncation=True, max_length=context_size,
                              return_tensors="pt", return_special_tokens_mask=True)
         model_inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        return Batch({k: v.to(self.device) for k, v in model_inputs.items()}, enc["attention_mask"],
-                     enc["special_tokens_mask"], enc["input_ids"])
+        return Batch(model_inputs, enc["attention_mask"], enc["special_tokens_mask"], enc["input_ids"])
+
+    def on_device(self, batch: Batch) -> Batch:
+        """The batch with its model inputs on the model's device (pixels in its dtype). prepare() stays on
+        the CPU so that it can run in DataLoader worker processes."""
+        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                  for k, v in batch.inputs.items()}
+        return Batch(inputs, batch.attention_BT, batch.special_BT, batch.token_ids_BT)
 
     def select(self, batch: Batch, n_tokens: int, tokens: str) -> torch.Tensor:
         """Bool [B, T] of the token positions that `tokens` selects (on the CPU)."""
@@ -160,7 +166,7 @@ class ModelAdapter:
 
         handles = [self._register(point, lambda acts, p=point: record(p, acts)) for point in hooks]
         try:
-            self.backbone(**batch.inputs)
+            self.backbone(**self.on_device(batch).inputs)
         except _StopForward:
             pass
         finally:

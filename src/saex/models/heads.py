@@ -41,6 +41,7 @@ def prompt_features(adapter: ModelAdapter, label_names: list[str], template: str
 def head_output(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 logits [B, C] (classifier, zero_shot), [B, T, V] (next_token) or embeddings [B, D]."""
     model = adapter.model
+    batch = adapter.on_device(batch)
     if kind == "zero_shot":
         feats = model.get_image_features(**batch.inputs)
         feats = F.normalize(getattr(feats, "pooler_output", feats).float(), dim=-1)
