@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 class TopKEncode(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under the forward's autocast state
     def forward(ctx, x_BD, W_enc_DS, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None):
         xc = x_BD - b_dec_D
         if select_dtype is not None and select_dtype != xc.dtype:
@@ -27,6 +28,7 @@ class TopKEncode(torch.autograd.Function):
         return values, indices
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK, _grad_indices):
         xc, W_enc, indices, values = ctx.saved_tensors
         B, k = indices.shape
