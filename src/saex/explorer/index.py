@@ -97,7 +97,8 @@ def build_index(cfg: IndexConfig) -> Path:
     return out
 
 
-def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], dict]:
+def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], list[tuple], dict]:
+    """Rows of the features table, of the feature_labels table, and index-wide meta."""
     S, manifest = sae.d_sae, store.manifest
     density = (scan.fires_S / max(scan.rows, 1)).float()
     mean_act = torch.where(scan.fires_S > 0, scan.sum_S / scan.fires_S.clamp_min(1), torch.zeros(S, dtype=torch.float64))
@@ -109,8 +110,10 @@ def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], dict]:
     labels_SK = torch.tensor([[label_of.get(e, -1) for e in row] for row in scan.top.example_SK.tolist()])
     names = manifest.get("label_names") or []
     entropy, top_label = torch.full((S,), float("nan")), torch.full((S,), -1)
+    label_rows = []
     if names:
         dist = label_distribution(labels_SK, values * filled, len(names), top=20)
+        label_rows = [(f, lab, w) for (f, lab), w in zip(dist.nonzero().tolist(), dist[dist > 0].tolist())]
         entropy = entropy_bits(dist)
         top_label = torch.where(dist.sum(1) > 0, dist.argmax(1), torch.full((S,), -1))
     enc_dec = torch.nn.functional.cosine_similarity(sae.W_enc.T, sae.W_dec, dim=1).detach()
@@ -137,14 +140,14 @@ def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], dict]:
                      None if torch.isnan(entropy[j]) else float(entropy[j]), int(top_label[j]), float(enc_dec[j]),
                      float(align["max_cos"][j]) if align else None, int(align["neuron"][j]) if align else None,
                      int(align["n_above_random"][j]) if align else None, int(cluster["member"][j])))
-    return rows, meta
+    return rows, label_rows, meta
 
 
 def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
     manifest = store.manifest
     out.mkdir(parents=True, exist_ok=True)
     dataset = reopen(manifest["dataset"])
-    features, meta = _feature_table(store, sae, hook, scan)
+    features, label_rows, meta = _feature_table(store, sae, hook, scan)
     examples = scan.example_table()
     referenced = set(scan.top.example_SK[scan.top.example_SK >= 0].tolist()) | \
         set(scan.sample.example_SK[scan.sample.example_SK >= 0].tolist())
@@ -169,7 +172,6 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
                 [(-v, e) for e, v in zip(exs, vals) if e >= 0]
             rows += [(j, kind, r, e, -nv, windows.get((j, e))) for r, (nv, e) in enumerate(order)]
         db.executemany("INSERT INTO feature_examples VALUES (?,?,?,?,?,?)", rows)
-    names = manifest.get("label_names") or []
     thumbs = out / "thumbs"
     thumbs.mkdir(exist_ok=True)
     example_rows = []
@@ -184,7 +186,7 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
         for ex, row in zip(shard_examples[:, 0].tolist(), feats.tolist()):
             ef += [(ex, r, int(f), v) for r, (f, v) in enumerate(row) if f >= 0]
     db.executemany("INSERT INTO example_features VALUES (?,?,?,?)", ef)
-    _label_weights(db, names)
+    db.executemany("INSERT INTO feature_labels VALUES (?,?,?)", label_rows)
     db.commit()
     db.close()
     os.replace(tmp, out / INDEX)
@@ -202,20 +204,6 @@ def _patch_grid(store, examples: torch.Tensor) -> dict | None:
         if side * side == len(patches) and patches == list(range(offset, offset + side * side)):
             return {"offset": offset, "side": side}
     return None
-
-
-def _label_weights(db: sqlite3.Connection, names: list[str]) -> None:
-    """Activation-weighted label distribution of each feature's top 20 examples."""
-    if not names:
-        return
-    db.execute("""INSERT INTO feature_labels
-                  SELECT fe.feature, e.label, SUM(fe.value) / t.total FROM feature_examples fe
-                  JOIN examples e ON e.example = fe.example
-                  JOIN (SELECT feature, SUM(value) AS total FROM feature_examples f2 JOIN examples e2
-                        ON e2.example = f2.example WHERE kind = 'top' AND rank < 20 AND e2.label >= 0
-                        GROUP BY feature) t ON t.feature = fe.feature
-                  WHERE fe.kind = 'top' AND fe.rank < 20 AND e.label >= 0 AND t.total > 0
-                  GROUP BY fe.feature, e.label""")
 
 
 def _thumbnail(image, folder: Path, example: int, size: int) -> str:

@@ -9,9 +9,6 @@ import torch.nn.functional as F
 
 from saex.models.adapter import Batch, ModelAdapter
 
-KINDS = ("classifier", "next_token", "zero_shot", "embedding")
-
-
 def head_kind(adapter: ModelAdapter) -> str | None:
     model, family = adapter.model, adapter.family
     if family.name == "clip" and hasattr(model, "text_model"):
