@@ -1,5 +1,6 @@
 """One training step (forward, backward, Adam) of saex against sparsify and SAELens, at the same
-shape, in the same process. Prints a JSON table: ms/step, tokens/s, peak GPU memory, ratios.
+shape, in the same process. Prints a JSON table: ms/step, tokens/s, peak GPU memory, ratios. Rows are
+timed in rounds (every row takes a few steps per round), so that the machine's drift hits all rows alike.
 
     .venv/bin/python benchmarks/train_step.py               # 2-CPU shape: d 384, 6,144 latents, batch 1,024, k 32
     .venv/bin/python benchmarks/train_step.py --shape h100  # d 1,024, 65,536 latents, batch 4,096, k 32
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,21 +23,50 @@ import torch
 SHAPES = {"cpu": (384, 6144, 1024, 32), "h100": (1024, 65536, 4096, 32)}
 
 
-def _time(step, steps: int, device: torch.device) -> tuple[float, float | None]:
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
+def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int) -> list[dict]:
+    """Peak memory per row (each built and stepped alone, above what earlier rows hold), then ms/step: in
+    each round every row takes one untimed step (its weights back in cache) and `steps` timed ones, so that
+    drift in the machine's speed hits all rows alike; the median over all timed steps is reported."""
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return 1000 * statistics.median(times), peak
+
+    built = []
+    for library, name, make in rows:
+        sync()
+        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = make()
+        for _ in range(3):
+            step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+        built.append((library, name, step, peak, []))
+    for _ in range(rounds):
+        for *_, step, _peak, times in built:
+            step()
+            for _ in range(steps):
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t)
+    return [{"library": library, "architecture": name, "ms_per_step": round(1000 * statistics.median(times), 2),
+             "tokens_per_s": round(batch / statistics.median(times)), "peak_mib": peak and round(peak)}
+            for library, name, _, peak, times in built]
+
+
+def _adam_step(forward, params, opt=None):
+    """A step function: forward() returns the loss; Adam (or `opt`) steps on `params`."""
+    opt = opt or torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 def saex_rows(d, S, B, k, x, device):
@@ -45,40 +76,31 @@ def saex_rows(d, S, B, k, x, device):
 
     variants = {
         "topk": dict(architecture="topk"),
-        "topk (bf16 selection)": dict(architecture="topk", select_precision="bfloat16"),
+        "topk (float32 selection)": dict(architecture="topk", select_precision="float32"),
         "topk (dense reference)": dict(architecture="topk", encoder_kernel="dense"),
         "batchtopk": dict(architecture="batchtopk"),
         "jumprelu": dict(architecture="jumprelu", jumprelu_init_l0=0),
         "relu": dict(architecture="relu"),
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
+    ctx = TrainContext(sparsity_coefficient=1.0)
     for name, kw in variants.items():
-        sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
-        opt = make_adam(sae.parameters(), 1e-4)
-        ctx = TrainContext(sparsity_coefficient=1.0)
-
-        def step():
-            out = sae.train_forward(x, ctx)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-
-        yield "saex", name, step
+        def make(kw=kw):
+            sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
+            return _adam_step(lambda: sae.train_forward(x, ctx).loss, None, make_adam(sae.parameters(), 1e-4))
+        yield "saex", name, make
 
 
 def sparsify_rows(d, S, B, k, x, device):
+    if device.type != "cuda":  # sparsify picks its Triton decoder whenever Triton imports, even for CPU tensors
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     with contextlib.redirect_stdout(sys.stderr):  # it prints a notice at import; keep stdout JSON
         from sparsify import SparseCoder, SparseCoderConfig
 
-    sc = SparseCoder(d, SparseCoderConfig(num_latents=S, k=k), device=device, dtype=torch.float32)
-    for opt_name, opt in (("adam", torch.optim.Adam(sc.parameters(), lr=1e-4)),):
-        def step(opt=opt):
-            loss = sc(x).fvu
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        yield "sparsify", f"topk ({opt_name})", step
+    def make():
+        sc = SparseCoder(d, SparseCoderConfig(num_latents=S, k=k), device=device, dtype=torch.float32)
+        return _adam_step(lambda: sc(x).fvu, sc.parameters())
+    yield "sparsify", "topk (adam)", make
 
 
 def saelens_rows(d, S, B, k, x, device):
@@ -99,43 +121,36 @@ def saelens_rows(d, S, B, k, x, device):
         "matryoshka batchtopk": lambda: MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=d, d_sae=S, k=k, device=dev, matryoshka_widths=[S // 16, S // 8, S // 4, S // 2, S])),
     }
-    for name, make in models.items():
-        sae = make()
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        coefficients = {n: float(getattr(c, "value", c)) for n, c in sae.get_coefficients().items()}
-        inp = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=None, n_training_steps=0,
-                             is_logging_step=False)
-
-        def step(sae=sae, opt=opt, inp=inp):
-            out = sae.training_forward_pass(inp)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-
-        yield "saelens", name, step
+    for name, build in models.items():
+        def make(build=build):
+            sae = build()
+            coefficients = {n: float(getattr(c, "value", c)) for n, c in sae.get_coefficients().items()}
+            inp = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=None, n_training_steps=0,
+                                 is_logging_step=False)
+            return _adam_step(lambda: sae.training_forward_pass(inp).loss, sae.parameters())
+        yield "saelens", name, make
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row and round")
     parser.add_argument("--only", nargs="*", default=None, help="libraries to run (saex sparsify saelens)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d, S, B, k = SHAPES[args.shape]
     torch.manual_seed(0)
     x = torch.randn(B, d, device=device)
-    table, skipped = [], {}
+    pending, skipped = [], {}
     for lib, rows in (("saex", saex_rows), ("sparsify", sparsify_rows), ("saelens", saelens_rows)):
         if args.only and lib not in args.only:
             continue
         try:
-            for library, name, step in rows(d, S, B, k, x, device):
-                ms, peak = _time(step, args.steps, device)
-                table.append({"library": library, "architecture": name, "ms_per_step": round(ms, 2),
-                              "tokens_per_s": round(B / ms * 1000), "peak_mib": peak and round(peak)})
+            pending.extend(rows(d, S, B, k, x, device))
         except ImportError as e:
             skipped[lib] = str(e)
+    table = _measure(pending, args.rounds, args.steps, device, B)
     by = {(r["library"], r["architecture"].split(" (")[0]): r["tokens_per_s"] for r in table
           if "(" not in r["architecture"] or r["library"] == "sparsify"}
     ratios = {}
@@ -147,6 +162,9 @@ def main() -> None:
             ratios[f"{r['architecture']} / saelens"] = round(r["tokens_per_s"] / by[("saelens", arch)], 2)
         if arch == "topk" and ("sparsify", "topk") in by:
             ratios[f"{r['architecture']} / sparsify"] = round(r["tokens_per_s"] / by[("sparsify", "topk")], 2)
+    peaks = {(r["library"], r["architecture"]): r["peak_mib"] for r in table if r["peak_mib"]}
+    if ("saex", "topk") in peaks and ("sparsify", "topk (adam)") in peaks:
+        ratios["topk peak memory / sparsify"] = round(peaks[("saex", "topk")] / peaks[("sparsify", "topk (adam)")], 2)
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "threads": torch.get_num_threads(), "shape": {"d_in": d, "d_sae": S, "batch": B, "k": k},
                       "rows": table, "ratios": ratios, "skipped": skipped}, indent=2))

@@ -6,6 +6,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter, on CPU tensors (set before they load)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.tiny_models import TINY_FAMILIES, save_tiny  # noqa: E402
 
 

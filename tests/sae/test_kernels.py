@@ -1,4 +1,4 @@
-"""The sparse TopK encoder against plain autograd: gradcheck, and equal outputs and gradients."""
+"""The sparse encoder and decoder against plain autograd: gradcheck, and equal outputs and gradients."""
 
 import pytest
 import torch
@@ -6,13 +6,13 @@ from torch.autograd import gradcheck
 
 from saex.sae import SAE, SAEConfig
 from saex.sae.arch import TrainContext
-from saex.sae.kernels import topk_encode
+from saex.sae.kernels import topk_encode, torch_ops
 
 
 def _inputs(dtype=torch.float64, B=6, d=5, S=12):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d, dtype=dtype, generator=g)
-    W = torch.randn(d, S, dtype=dtype, generator=g)
+    W = torch.randn(S, d, dtype=dtype, generator=g).T  # latent-major, as the SAE keeps it
     b_enc = torch.randn(S, dtype=dtype, generator=g) * 0.1
     b_dec = torch.randn(d, dtype=dtype, generator=g) * 0.1
     return [t.requires_grad_() for t in (x, W, b_enc, b_dec)]
@@ -37,18 +37,57 @@ def test_matches_dense_autograd():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_sae_sparse_and_dense_paths_agree():
+def test_row_major_encoder_is_refused_by_name():
+    x, W, b_enc, b_dec = _inputs()
+    with pytest.raises(ValueError, match="latent-major W_enc"):
+        topk_encode(x, W.detach().contiguous(), b_enc, b_dec, 4)
+
+
+def test_sae_reads_the_latent_major_encoder_in_saelens_shape():
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, k=4))
+    assert sae.W_enc.shape == (8, 32) and sae.W_enc_SD.is_contiguous()
+    with torch.no_grad():
+        sae.W_enc[:, 3] = 7.0  # writes through the view reach the parameter
+    assert torch.equal(sae.W_enc_SD[3], torch.full((8,), 7.0))
+
+
+def test_scatter_rows_matches_a_dense_product():
+    X = torch.randn(7, 5, dtype=torch.float64)
+    idx = torch.tensor([[0, 3, 3], [2, 0, 1], [4, 4, 4], [0, 1, 2], [5, 5, 0], [1, 1, 1], [3, 2, 1]])
+    val = torch.rand(7, 3, dtype=torch.float64)
+    dense_BS = torch.zeros(7, 8, dtype=torch.float64).scatter_add_(1, idx, val)
+    assert torch.allclose(torch_ops.scatter_rows(X, val, idx, 8), dense_BS.T @ X)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sae_sparse_and_dense_paths_agree(arch):
     torch.manual_seed(0)
-    dense = SAE(SAEConfig(d_in=16, d_sae=64, k=5, encoder_kernel="dense"))
-    sparse = SAE(SAEConfig(d_in=16, d_sae=64, k=5, encoder_kernel="sparse"))
+    dense = SAE(SAEConfig(d_in=16, d_sae=64, k=5, architecture=arch, encoder_kernel="dense"))
+    sparse = SAE(SAEConfig(d_in=16, d_sae=64, k=5, architecture=arch, encoder_kernel="sparse",
+                           select_precision="float32"))
     sparse.load_state_dict(dense.state_dict())
     x = torch.randn(32, 16)
     outs = [s.train_forward(x, TrainContext()) for s in (dense, sparse)]
     assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
+    assert torch.equal(outs[0].fired_S, outs[1].fired_S) and torch.allclose(outs[0].l0, outs[1].l0)
     for o in outs:
         o.loss.backward()
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec"):
         assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, atol=1e-5), name
+    if arch == "batchtopk":
+        assert dense.arch.threshold == sparse.arch.threshold > 0
+
+
+def test_batchtopk_keeps_the_batch_top_k_times_b():
+    sae = SAE(SAEConfig(d_in=8, d_sae=40, k=3, architecture="batchtopk"))
+    z = torch.randn(6, 40)
+    values, indices = sae.arch.kept(z)
+    dense = torch.zeros(6, 40).scatter_add_(1, indices, values)
+    f = z.relu().flatten()
+    expected = torch.zeros_like(f)
+    top = f.topk(18).indices
+    expected[top] = f[top]
+    assert torch.equal(dense.flatten(), expected)
 
 
 def test_bfloat16_selection_picks_nearly_the_same_latents():

@@ -48,6 +48,11 @@ class ModelAdapter:
         self.d_model: int = config.hidden_size
         self.num_channels: int = getattr(config, "num_channels", 3)
         self.blocks = blocks_of(self.backbone, self.n_layers)
+        # images: the processor's integer work (decode, resize, crop) runs in prepare(), possibly in DataLoader
+        # workers; rescaling and normalising wait for on_device(), on the model's device. Pixels then travel
+        # between processes as uint8 (4x smaller) and the CPU skips three float passes per image.
+        self._deferred = {"do_rescale": False, "do_normalize": False} if (
+            hasattr(processor, "do_rescale") and hasattr(processor, "do_normalize")) else {}
         limits = [getattr(config, "max_position_embeddings", None), getattr(processor, "model_max_length", None)]
         self.max_tokens = min((n for n in limits if isinstance(n, int) and 0 < n < 1 << 20), default=None)
 
@@ -80,7 +85,10 @@ class ModelAdapter:
         if self.modality == "image":
             mode = "L" if self.num_channels == 1 else "RGB"
             images = [im if im.mode == mode else im.convert(mode) for im in inputs]
-            return Batch({"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]})
+            pixels = self.processor(images=images, return_tensors="pt", **self._deferred)["pixel_values"]
+            if self._deferred:  # integral values after a PIL resize: uint8; otherwise finish here
+                pixels = pixels.to(torch.uint8) if torch.equal(pixels, pixels.round()) else self._finish(pixels)
+            return Batch({"pixel_values": pixels})
         if self.max_tokens:
             context_size = min(context_size, self.max_tokens)
         enc = self.processor(list(inputs), padding=True, truncation=True, max_length=context_size,
@@ -88,11 +96,25 @@ class ModelAdapter:
         model_inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         return Batch(model_inputs, enc["attention_mask"], enc["special_tokens_mask"], enc["input_ids"])
 
+    def _finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Rescale and normalise as the processor would have (float32 arithmetic, on the tensor's device)."""
+        p, x = self.processor, pixels.float()
+        if p.do_rescale:
+            x = x * p.rescale_factor
+        if p.do_normalize:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+                         for v in (p.image_mean, p.image_std))
+            x = (x - mean) / std
+        return x
+
     def on_device(self, batch: Batch) -> Batch:
-        """The batch with its model inputs on the model's device (pixels in its dtype). prepare() stays on
-        the CPU so that it can run in DataLoader worker processes."""
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                  for k, v in batch.inputs.items()}
+        """The batch with its model inputs on the model's device (pixels finished and in its dtype).
+        prepare() stays on the CPU so that it can run in DataLoader worker processes."""
+        inputs = {}
+        for k, v in batch.inputs.items():
+            if k == "pixel_values" and v.dtype == torch.uint8:
+                v = self._finish(v.to(self.device, non_blocking=True))
+            inputs[k] = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
         return Batch(inputs, batch.attention_BT, batch.special_BT, batch.token_ids_BT)
 
     def select(self, batch: Batch, n_tokens: int, tokens: str) -> torch.Tensor:

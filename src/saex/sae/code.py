@@ -27,3 +27,9 @@ class Code:
     def l0(self) -> torch.Tensor:
         """Active latents per row."""
         return (self.values_BK != 0).sum(-1)
+
+    def fired(self) -> torch.Tensor:
+        """bool [d_sae]: which latents are active in some row (a scatter, no host sync)."""
+        active = (self.values_BK != 0).to(torch.int32).reshape(-1)
+        counts = torch.zeros(self.d_sae, dtype=torch.int32, device=active.device)
+        return counts.index_add_(0, self.indices_BK.reshape(-1), active) > 0

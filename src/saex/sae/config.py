@@ -48,9 +48,10 @@ class SAEConfig:
     """BatchTopK: step of the running estimate of the inference threshold."""
 
     encoder_kernel: Literal["sparse", "dense"] = "sparse"
-    """TopK: encode with the sparse-backward kernel (saex.sae.kernels) or plain autograd (the reference)."""
-    select_precision: Literal["float32", "bfloat16"] = "float32"
-    """TopK sparse kernel: precision of the GEMM that selects the top k (bfloat16 is faster, approximate)."""
+    """TopK, BatchTopK: encode with the sparse-backward kernel (saex.sae.kernels) or plain autograd (the reference)."""
+    select_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Sparse kernel: precision of the GEMM that selects the kept latents (auto: bfloat16 where the GPU or CPU
+    multiplies it natively; faster, and the kept values carry bfloat16 rounding)."""
     decoder_init_norm: float = 0.0
     """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from saex.sae.arch import REGISTRY, TrainContext, TrainOutput
 from saex.sae.code import Code
 from saex.sae.config import SAEConfig
+from saex.sae.kernels import decode
 
 
 class SAE(nn.Module):
@@ -16,7 +16,11 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.d_in, self.d_sae = cfg.d_in, cfg.d_sae
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))
+        # the encoder is stored latent-major, [d_sae, d_in] like W_dec, and read as SAELens' W_enc [d_in, d_sae]
+        # through a view: the sparse backward reads and writes whole latent rows, CPU BLAS runs x @ W_enc
+        # faster this way (13.0 ms against 24.7 ms in bfloat16 at B 1,024 x 384 x 6,144), and fused Adam
+        # needs contiguous parameters (a transposed one steps 6x slower)
+        self.W_enc_SD = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
@@ -24,6 +28,11 @@ class SAE(nn.Module):
         self.metadata = dict(metadata or {})
         default_norm = 0.1 if cfg.architecture in ("relu", "prolu", "jumprelu") else 1.0
         self.init_tied(decoder_norm=cfg.decoder_init_norm or default_norm)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder in SAELens' shape [d_in, d_sae] (a view: in-place writes reach the parameter)."""
+        return self.W_enc_SD.T
 
     @torch.no_grad()
     def init_tied(self, decoder_norm: float = 1.0, generator: torch.Generator | None = None) -> None:
@@ -42,11 +51,10 @@ class SAE(nn.Module):
         return self.arch.encode(self, x_BD)
 
     def decode(self, code: Code, bias: bool = True) -> torch.Tensor:
-        """W_dec-weighted sum of the active latents (an embedding bag: cost scales with k, not d_sae)."""
+        """W_dec-weighted sum of the active latents (a sparse kernel: cost scales with k, not d_sae)."""
         shape = code.indices_BK.shape
-        out = F.embedding_bag(code.indices_BK.reshape(-1, shape[-1]), self.W_dec,
-                              per_sample_weights=code.values_BK.reshape(-1, shape[-1]).to(self.W_dec.dtype),
-                              mode="sum").reshape(*shape[:-1], self.d_in)
+        out = decode(self.W_dec, code.values_BK.reshape(-1, shape[-1]),
+                     code.indices_BK.reshape(-1, shape[-1])).reshape(*shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -68,12 +76,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def permute_latents(self, perm_S: torch.Tensor) -> None:
         """Reorder latents (Matryoshka re-sorting); the optimiser state must follow (saex.train)."""
-        for name, p in self.latent_parameters().items():
-            p.copy_(p.index_select(1 if name == "W_enc" else 0, perm_S))
+        for p in self.latent_parameters().values():
+            p.copy_(p.index_select(0, perm_S))
 
     def latent_parameters(self) -> dict[str, torch.Tensor]:
-        """Parameters with one entry per latent (axis 1 of W_enc, axis 0 otherwise)."""
-        out = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec}
+        """Parameters with one entry per latent along their first axis."""
+        out = {"W_enc_SD": self.W_enc_SD, "b_enc": self.b_enc, "W_dec": self.W_dec}
         for name, p in self.arch.named_parameters():
             if p.shape[:1] == (self.d_sae,):
                 out[f"arch.{name}"] = p

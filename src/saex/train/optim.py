@@ -19,14 +19,14 @@ def _state_tensors(opt: torch.optim.Optimizer, param: torch.Tensor):
 @torch.no_grad()
 def reset_latents(opt: torch.optim.Optimizer, latent_params: dict[str, torch.Tensor], idx_L: torch.Tensor) -> None:
     """Zero the Adam moments of the given latents (after resampling them)."""
-    for name, p in latent_params.items():
+    for p in latent_params.values():
         for t in _state_tensors(opt, p):
-            t.index_fill_(1 if name == "W_enc" else 0, idx_L, 0.0)
+            t.index_fill_(0, idx_L, 0.0)
 
 
 @torch.no_grad()
 def permute_latents(opt: torch.optim.Optimizer, latent_params: dict[str, torch.Tensor], perm_S: torch.Tensor) -> None:
     """Reorder the Adam moments of every per-latent parameter like the parameters themselves."""
-    for name, p in latent_params.items():
+    for p in latent_params.values():
         for t in _state_tensors(opt, p):
-            t.copy_(t.index_select(1 if name == "W_enc" else 0, perm_S))
+            t.copy_(t.index_select(0, perm_S))

@@ -7,7 +7,7 @@ import torch
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Code
-from saex.sae.kernels import topk_encode
+from saex.sae.kernels import sparse_encode
 
 
 class TopK(Architecture):
@@ -20,32 +20,34 @@ class TopK(Architecture):
     def encode(self, sae, x_BD) -> Code:
         return self.select(sae.pre_acts(x_BD), self.cfg.k)
 
-    def training_code(self, z_BS: torch.Tensor) -> Code:
-        return self.select(z_BS, self.cfg.k)
+    def kept(self, z_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training selection in top-k form: (activations, indices) of the kept latents."""
+        code = self.select(z_BS, self.cfg.k)
+        return code.values_BK, code.indices_BK
 
     def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
-        """The sparse kernel serves plain TopK steps; AuxK on dead latents and Multi-TopK need all of z."""
-        dead = self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any())
-        return self.cfg.encoder_kernel == "sparse" and not self.cfg.multi_topk and not dead
+        """The sparse kernel serves every step but AuxK on dead latents and Multi-TopK, which need all of z."""
+        return self.cfg.encoder_kernel == "sparse" and not self.cfg.multi_topk and not self.auxk_active(ctx)
+
+    def auxk_active(self, ctx: TrainContext) -> bool:
+        return self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any())
 
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         if self.uses_sparse_kernel(ctx):
-            select = torch.bfloat16 if self.cfg.select_precision == "bfloat16" else None
-            values, indices = topk_encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.cfg.k, select)
+            values, indices = sparse_encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.kept,
+                                            select_dtype(self.cfg, x_BD))
             z_BS, code = None, Code(values, indices, sae.d_sae)
         else:
             z_BS = sae.pre_acts(x_BD)
-            code = self.training_code(z_BS)
+            code = Code(*self.kept(z_BS), sae.d_sae)
         x_hat = sae.decode(code)
         losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
                           else sum_sq(x_BD, x_hat))}
         if self.cfg.multi_topk:
             losses["multi_topk"] = sum_sq(x_BD, sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
-        if self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any()):
+        if self.auxk_active(ctx):
             losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, z_BS, ctx.dead_S, self.cfg)
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x_BD.device)
-        fired[code.indices_BK[code.values_BK > 0]] = True
-        return TrainOutput(x_hat, losses, fired, code.l0().float().mean())
+        return TrainOutput(x_hat, losses, code.fired(), code.l0().float().mean())
 
 
 class BatchTopK(TopK):
@@ -53,26 +55,30 @@ class BatchTopK(TopK):
 
     saelens_name = "jumprelu"
 
-    def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
-        return False  # the selection spans the batch: it needs every pre-activation
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
 
-    def training_code(self, z_BS: torch.Tensor) -> Code:
-        f = torch.relu(z_BS)
-        flat = f.flatten()
-        kept = flat.topk(min(self.cfg.k * z_BS.shape[0], flat.numel()), sorted=False)
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[kept.indices] = True
-        f = f * mask.view_as(f)
+    def kept(self, z_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top k*B of ReLU(z) over the batch, as rows padded with zeros to the fullest row's count."""
+        B, S = z_BS.shape
+        f = torch.relu(z_BS).flatten()
+        kept = f.topk(min(self.cfg.k * B, f.numel()), sorted=False)
         if self.training:
             positive = kept.values[kept.values > 0]
             if positive.numel():
                 m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
                 self.threshold.mul_(1 - m).add_(m * positive.min().detach().float())
-        return Code.from_dense(f)
+        flat = kept.indices.sort().values  # row-major: sorted flat indices come grouped by row
+        rows = flat // S
+        counts = torch.bincount(rows, minlength=B)
+        slot = torch.arange(flat.numel(), device=f.device) - (counts.cumsum(0) - counts)[rows]
+        width = max(int(counts.max()), 1)
+        values = torch.zeros(B, width, dtype=f.dtype, device=f.device)
+        indices = torch.zeros(B, width, dtype=torch.int64, device=f.device)
+        values[rows, slot] = f[flat]
+        indices[rows, slot] = flat % S
+        return values, indices
 
     def encode(self, sae, x_BD) -> Code:
         z = sae.pre_acts(x_BD)
@@ -80,6 +86,17 @@ class BatchTopK(TopK):
 
     def inference_state(self, sae):
         return "jumprelu", {"threshold": self.threshold.expand(sae.d_sae).clone()}
+
+
+def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
+    """The precision of the selecting GEMM: bfloat16 where the hardware multiplies it natively ("auto")."""
+    if cfg.select_precision == "float32":
+        return None
+    if cfg.select_precision == "bfloat16":
+        return torch.bfloat16
+    native = (torch.cuda.is_bf16_supported() if x_BD.is_cuda
+              else x_BD.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.bfloat16 if native else None
 
 
 def auxk_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, cfg) -> torch.Tensor:

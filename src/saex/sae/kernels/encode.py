@@ -1,0 +1,85 @@
+"""The encoder with a sparse backward, for every architecture that keeps a selection of z.
+
+Forward: z = (x - b_dec) W_enc + b_enc (one GEMM, optionally in bfloat16), then the architecture's
+selection, which returns the kept latents' activations (z where positive, else 0) in top-k form.
+Backward touches only the kept latents: the encoder weight gradient is `scatter_rows` of the centred
+inputs and the input gradient a `decode` through W_enc, instead of two dense [B, S] x [S, D] GEMMs
+through a mostly-zero [B, S] gradient. W_enc must be latent-major in memory (W_enc.T contiguous), as
+`saex.sae.SAE` keeps it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from saex.sae.kernels.dispatch import backend
+
+Select = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class SparseEncode(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under the forward's autocast state
+    def forward(ctx, x_BD, W_enc_DS, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None):
+        xc_BD = x_BD - b_dec_D
+        # with select_dtype bfloat16 the selecting GEMM is cheaper; the values come from the same product
+        z_BS = biased_gemm(xc_BD, W_enc_DS.T, b_enc_S, select_dtype or xc_BD.dtype)
+        values_BK, indices_BK = select(z_BS)
+        values_BK = values_BK.to(x_BD.dtype)
+        ctx.save_for_backward(xc_BD, W_enc_DS, indices_BK, values_BK)
+        ctx.mark_non_differentiable(indices_BK)
+        return values_BK, indices_BK
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_values_BK, _grad_indices):
+        xc_BD, W_enc_DS, indices_BK, values_BK = ctx.saved_tensors
+        ops = backend(W_enc_DS)
+        W_SD = W_enc_DS.T
+        g_BK = grad_values_BK * (values_BK > 0)  # kept latents with z <= 0 output 0 (the ReLU)
+        grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, W_SD.shape[0]).T.to(W_enc_DS.dtype) \
+            if ctx.needs_input_grad[1] else None
+        grad_b_enc = torch.zeros(W_SD.shape[0], dtype=g_BK.dtype, device=g_BK.device).index_add_(
+            0, indices_BK.reshape(-1), g_BK.reshape(-1)) if ctx.needs_input_grad[2] else None
+        grad_xc = ops.decode(W_SD, g_BK, indices_BK) if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] else None
+        grad_x = grad_xc.to(xc_BD.dtype) if ctx.needs_input_grad[0] else None
+        grad_b_dec = -grad_xc.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None
+
+
+def biased_gemm(x_BD: torch.Tensor, W_SD: torch.Tensor, b_S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x W^T + b in `dtype`, the bias riding in the GEMM as a column of ones (addmm would first copy the
+    broadcast bias into the [B, S] output: 14.1 ms against 13.0 ms on 2 CPU cores at 1,024 x 384 x 6,144).
+    The inner size is padded to a multiple of 8 for the GEMM's alignment."""
+    if x_BD.is_cuda:  # cuBLAS fuses the bias into its epilogue
+        return torch.addmm(b_S.to(dtype), x_BD.to(dtype), W_SD.T.to(dtype))
+    B, D = x_BD.shape
+    width = (D + 1 + 7) // 8 * 8
+    x_aug = x_BD.new_zeros(B, width, dtype=dtype)
+    x_aug[:, :D] = x_BD
+    x_aug[:, D] = 1
+    W_aug = W_SD.new_zeros(W_SD.shape[0], width, dtype=dtype)
+    W_aug[:, :D] = W_SD
+    W_aug[:, D] = b_S
+    return x_aug @ W_aug.T
+
+
+def sparse_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None = None):
+    """(values [B, K], indices [B, K]) of `select(z)`, with a backward that touches only the kept latents."""
+    if not W_enc_DS.T.is_contiguous():
+        raise ValueError(f"sparse_encode needs a latent-major W_enc (W_enc.T contiguous); got strides "
+                         f"{W_enc_DS.stride()} for shape {tuple(W_enc_DS.shape)}")
+    return SparseEncode.apply(x_BD, W_enc_DS, b_enc_S, b_dec_D, select, select_dtype)
+
+
+def select_topk(k: int) -> Select:
+    def select(z_BS):
+        values, indices = z_BS.topk(k, dim=-1, sorted=False)
+        return torch.relu(values), indices
+    return select
+
+
+def topk_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
+    """(values [B, k], indices [B, k]) of TopK(ReLU(pre-activations)), with a sparse backward."""
+    return sparse_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, select_topk(k), select_dtype)
