@@ -105,3 +105,24 @@ def test_auxk_falls_back_to_dense_pre_activations(kernel):
     dead[:5] = True
     out = sae.train_forward(torch.randn(10, 8), TrainContext(dead_S=dead))
     assert "auxk" in out.losses
+
+
+def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
+    torch.manual_seed(0)
+    kw = dict(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_bandwidth=0.5, select_precision="float32")
+    dense = SAE(SAEConfig(encoder_kernel="dense", **kw))
+    sparse = SAE(SAEConfig(encoder_kernel="sparse", **kw))
+    with torch.no_grad():
+        dense.arch.threshold.uniform_(0.1, 0.6)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(32, 16)
+    outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (dense, sparse)]
+    assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
+    assert torch.allclose(outs[0].loss, outs[1].loss) and torch.allclose(outs[0].l0, outs[1].l0)
+    assert torch.equal(outs[0].fired_S, outs[1].fired_S)
+    for o in outs:
+        o.loss.backward()
+    assert dense.arch.threshold.grad.abs().sum() > 0  # the window caught some pre-activations
+    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec", "arch.threshold"):
+        a, b = (s.get_parameter(name).grad for s in (dense, sparse))
+        assert torch.allclose(a, b, atol=1e-5), name

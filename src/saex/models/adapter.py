@@ -97,15 +97,13 @@ class ModelAdapter:
         return Batch(model_inputs, enc["attention_mask"], enc["special_tokens_mask"], enc["input_ids"])
 
     def _finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Rescale and normalise as the processor would have (float32 arithmetic, on the tensor's device)."""
-        p, x = self.processor, pixels.float()
-        if p.do_rescale:
-            x = x * p.rescale_factor
-        if p.do_normalize:
-            mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
-                         for v in (p.image_mean, p.image_std))
-            x = (x - mean) / std
-        return x
+        """Rescale and normalise as the processor would have, in one fused float32 pass:
+        (x r - mean) / std = x (r / std) - mean / std."""
+        p = self.processor
+        scale = p.rescale_factor if p.do_rescale else 1.0
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
+                     for v in ((p.image_mean, p.image_std) if p.do_normalize else (0.0, 1.0)))
+        return torch.addcmul(-mean / std, pixels.float(), scale / std)
 
     def on_device(self, batch: Batch) -> Batch:
         """The batch with its model inputs on the model's device (pixels finished and in its dtype).

@@ -19,6 +19,21 @@ class Code:
         values, indices = f_BS.topk(k, dim=-1, sorted=False)
         return Code(values, indices, f_BS.shape[-1])
 
+    @staticmethod
+    def rows_from_flat(flat_N: torch.Tensor, B: int, S: int, *columns_N: torch.Tensor):
+        """Entries given by sorted flat indices into a [B, S] matrix, laid out as rows padded with zeros
+        to the fullest row's count: (latent indices [B, W], then each column [B, W])."""
+        rows = flat_N // S
+        counts = torch.bincount(rows, minlength=B)
+        slot = torch.arange(flat_N.numel(), device=flat_N.device) - (counts.cumsum(0) - counts)[rows]
+        width = max(int(counts.max()) if B else 0, 1)
+        out = []
+        for col in (flat_N % S, *columns_N):
+            padded = torch.zeros(B, width, dtype=col.dtype, device=col.device)
+            padded[rows, slot] = col
+            out.append(padded)
+        return out
+
     def dense(self) -> torch.Tensor:
         out = torch.zeros(*self.values_BK.shape[:-1], self.d_sae, dtype=self.values_BK.dtype,
                           device=self.values_BK.device)

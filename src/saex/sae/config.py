@@ -48,10 +48,11 @@ class SAEConfig:
     """BatchTopK: step of the running estimate of the inference threshold."""
 
     encoder_kernel: Literal["sparse", "dense"] = "sparse"
-    """TopK, BatchTopK: encode with the sparse-backward kernel (saex.sae.kernels) or plain autograd (the reference)."""
+    """TopK, BatchTopK, JumpReLU: encode with the sparse kernels (saex.sae.kernels) or plain autograd (the reference)."""
     select_precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Sparse kernel: precision of the GEMM that selects the kept latents (auto: bfloat16 where the GPU or CPU
-    multiplies it natively; faster, and the kept values carry bfloat16 rounding)."""
+    """Sparse kernels: precision of the GEMM that selects the kept latents (auto: bfloat16 for TopK and BatchTopK
+    where the GPU or CPU multiplies it natively, float32 for JumpReLU; bfloat16 is faster, and the kept values
+    carry its rounding)."""
     decoder_init_norm: float = 0.0
     """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
 

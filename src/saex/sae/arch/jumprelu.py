@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saex.sae.arch.base import Architecture, TrainContext, dense_output
+from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
 from saex.sae.code import Code
+from saex.sae.kernels.encode import biased_gemm, encoder_grads
+from saex.sae.kernels.precision import select_dtype
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,43 @@ class StepFn(torch.autograd.Function):
         return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
 
 
+class SparseJumpReLU(torch.autograd.Function):
+    """JumpReLUFn and StepFn on the sparse kernels: the code keeps the latents that fire (z > theta) and
+    those inside the threshold's kernel window (|z - theta| < eps / 2, where the straight-through
+    gradient of theta lives), so that the decoder's backward gives dL/df there too. Returns the code in
+    top-k form and each row's L0, differentiable in theta like StepFn."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x_BD, W_enc_DS, b_enc_S, b_dec_D, theta_S, eps: float, select_dtype):
+        xc_BD = x_BD - b_dec_D
+        z_BS = biased_gemm(xc_BD, W_enc_DS.T, b_enc_S, select_dtype or xc_BD.dtype)
+        B, S = z_BS.shape
+        theta = theta_S.to(z_BS.dtype)
+        fires_BS = z_BS > theta
+        kept = fires_BS | ((z_BS - theta).abs() < eps / 2)
+        flat = kept.flatten().nonzero().squeeze(1)
+        z_N = z_BS.flatten()[flat].to(x_BD.dtype)
+        indices_BK, z_BK, valid_BK = Code.rows_from_flat(flat, B, S, z_N, torch.ones_like(z_N, dtype=torch.bool))
+        fires_BK = (z_BK > theta_S[indices_BK]) & valid_BK
+        ctx.save_for_backward(xc_BD, W_enc_DS, theta_S, indices_BK, z_BK, fires_BK, valid_BK)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(indices_BK)
+        return z_BK * fires_BK, indices_BK, fires_BS.sum(-1).to(x_BD.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_values_BK, _grad_indices, grad_l0_B):
+        xc_BD, W_enc_DS, theta_S, indices_BK, z_BK, fires_BK, valid_BK = ctx.saved_tensors
+        theta_BK = theta_S[indices_BK]
+        window = rectangle((z_BK - theta_BK) / ctx.eps) * valid_BK
+        grad_theta_BK = -(window / ctx.eps) * (theta_BK * grad_values_BK + grad_l0_B[:, None])
+        grad_theta = torch.zeros_like(theta_S).index_add_(0, indices_BK.reshape(-1), grad_theta_BK.reshape(-1)) \
+            if ctx.needs_input_grad[4] else None
+        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_DS, indices_BK, grad_values_BK * fires_BK)
+        return (*grads, grad_theta, None, None)
+
+
 class JumpReLU(Architecture):
     saelens_name = "jumprelu"
 
@@ -71,6 +110,13 @@ class JumpReLU(Architecture):
         self.threshold.copy_(torch.quantile(z, q, dim=0).clamp_min(1e-3))
 
     def train_forward(self, sae, x_BD, ctx: TrainContext):
+        if self.cfg.encoder_kernel == "sparse":
+            values, indices, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.threshold,
+                                                         self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
+            code = Code(values, indices, sae.d_sae)
+            x_hat = sae.decode(code)
+            losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
+            return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
         z_BS = sae.pre_acts(x_BD)
         eps = self.cfg.jumprelu_bandwidth
         f_BS = JumpReLUFn.apply(z_BS, self.threshold, eps)

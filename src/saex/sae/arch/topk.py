@@ -8,6 +8,7 @@ from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Code
 from saex.sae.kernels import sparse_encode
+from saex.sae.kernels.precision import select_dtype
 
 
 class TopK(Architecture):
@@ -70,14 +71,7 @@ class BatchTopK(TopK):
                 m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
                 self.threshold.mul_(1 - m).add_(m * positive.min().detach().float())
         flat = kept.indices.sort().values  # row-major: sorted flat indices come grouped by row
-        rows = flat // S
-        counts = torch.bincount(rows, minlength=B)
-        slot = torch.arange(flat.numel(), device=f.device) - (counts.cumsum(0) - counts)[rows]
-        width = max(int(counts.max()), 1)
-        values = torch.zeros(B, width, dtype=f.dtype, device=f.device)
-        indices = torch.zeros(B, width, dtype=torch.int64, device=f.device)
-        values[rows, slot] = f[flat]
-        indices[rows, slot] = flat % S
+        indices, values = Code.rows_from_flat(flat, B, S, f[flat])
         return values, indices
 
     def encode(self, sae, x_BD) -> Code:
@@ -86,17 +80,6 @@ class BatchTopK(TopK):
 
     def inference_state(self, sae):
         return "jumprelu", {"threshold": self.threshold.expand(sae.d_sae).clone()}
-
-
-def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
-    """The precision of the selecting GEMM: bfloat16 where the hardware multiplies it natively ("auto")."""
-    if cfg.select_precision == "float32":
-        return None
-    if cfg.select_precision == "bfloat16":
-        return torch.bfloat16
-    native = (torch.cuda.is_bf16_supported() if x_BD.is_cuda
-              else x_BD.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.bfloat16 if native else None
 
 
 def auxk_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, cfg) -> torch.Tensor:

@@ -35,17 +35,21 @@ class SparseEncode(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK, _grad_indices):
         xc_BD, W_enc_DS, indices_BK, values_BK = ctx.saved_tensors
-        ops = backend(W_enc_DS)
-        W_SD = W_enc_DS.T
         g_BK = grad_values_BK * (values_BK > 0)  # kept latents with z <= 0 output 0 (the ReLU)
-        grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, W_SD.shape[0]).T.to(W_enc_DS.dtype) \
-            if ctx.needs_input_grad[1] else None
-        grad_b_enc = torch.zeros(W_SD.shape[0], dtype=g_BK.dtype, device=g_BK.device).index_add_(
-            0, indices_BK.reshape(-1), g_BK.reshape(-1)) if ctx.needs_input_grad[2] else None
-        grad_xc = ops.decode(W_SD, g_BK, indices_BK) if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] else None
-        grad_x = grad_xc.to(xc_BD.dtype) if ctx.needs_input_grad[0] else None
-        grad_b_dec = -grad_xc.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None
+        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_DS, indices_BK, g_BK), None, None)
+
+
+def encoder_grads(needs, xc_BD, W_enc_DS, indices_BK, g_BK):
+    """Gradients of (x, W_enc, b_enc, b_dec) from g = dL/dz at the kept latents (zero elsewhere)."""
+    ops = backend(W_enc_DS)
+    W_SD = W_enc_DS.T
+    grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, W_SD.shape[0]).T.to(W_enc_DS.dtype) if needs[1] else None
+    grad_b_enc = torch.zeros(W_SD.shape[0], dtype=g_BK.dtype, device=g_BK.device).index_add_(
+        0, indices_BK.reshape(-1), g_BK.reshape(-1)) if needs[2] else None
+    grad_xc = ops.decode(W_SD, g_BK, indices_BK) if needs[0] or needs[3] else None
+    grad_x = grad_xc.to(xc_BD.dtype) if needs[0] else None
+    grad_b_dec = -grad_xc.sum(0) if needs[3] else None
+    return grad_x, grad_W, grad_b_enc, grad_b_dec
 
 
 def biased_gemm(x_BD: torch.Tensor, W_SD: torch.Tensor, b_S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

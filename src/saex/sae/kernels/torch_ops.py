@@ -22,3 +22,4 @@ def scatter_rows(X_BD: torch.Tensor, values_BK: torch.Tensor, indices_BK: torch.
     G_SB = torch.sparse_coo_tensor(torch.stack([indices_BK.reshape(-1), rows]), values_BK.reshape(-1).to(X_BD.dtype),
                                    (S, B), check_invariants=False)
     return torch.sparse.mm(G_SB, X_BD)
+

@@ -11,7 +11,7 @@ import triton.language as tl
 def gather_sum_kernel(W, V, I, Out, K, D, stride_w,
                       ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out[b, d-block] = sum_j V[b, j] W[I[b, j], d-block]; one program per (row, d-block)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64 offsets: S x D may pass 2^31
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=ACC)
@@ -30,7 +30,7 @@ def gather_sum_kernel(W, V, I, Out, K, D, stride_w,
 def gather_dot_kernel(G, W, I, Out, K, D, stride_w,
                       ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out[b, j] = <G[b], W[I[b, j]]>; one program per (row, k-block)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     idx = tl.load(I + b * K + offs_k, mask=mask_k, other=0)
@@ -52,7 +52,7 @@ def scatter_rows_kernel(X, V, R, Starts, Out, D,
 
     Entries come sorted by latent, Starts[s]:Starts[s + 1] being latent s's; each program writes its
     own output row once (no atomics, no zero-fill pass)."""
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(Starts + s)
