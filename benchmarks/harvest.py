@@ -75,9 +75,13 @@ def main() -> None:
         build_model(tmp / "model", args.size)
         write_images(tmp / "images", args.images)
         forward = plain_forward(tmp / "model", args.images, args.batch_size, device)
-        manifest = harvest(HarvestConfig(run=str(tmp / "run"), model=str(tmp / "model"), dataset=str(tmp / "images"),
-                                         hook=[f"blocks.{layer}.hook_resid_post"], tokens="cls",
+        def run(name, limit=None):
+            return harvest(HarvestConfig(run=str(tmp / name), model=str(tmp / "model"), dataset=str(tmp / "images"),
+                                         hook=[f"blocks.{layer}.hook_resid_post"], tokens="cls", max_examples=limit,
                                          batch_size=args.batch_size, order="dataset"))
+
+        run("warm-up", limit=args.batch_size)  # one batch, as the plain forward's warm-up call
+        manifest = run("run")
         end = json.loads((tmp / "run" / "logs" / "harvest.jsonl").read_text().splitlines()[-1])
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size,
                       "layer": layer, "images": args.images, "batch_size": args.batch_size,

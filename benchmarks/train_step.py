@@ -79,7 +79,7 @@ def saex_rows(d, S, B, k, x, device):
         "topk (float32 selection)": dict(architecture="topk", select_precision="float32"),
         "topk (dense reference)": dict(architecture="topk", encoder_kernel="dense"),
         "batchtopk": dict(architecture="batchtopk"),
-        "jumprelu": dict(architecture="jumprelu", jumprelu_init_l0=0),
+        "jumprelu": dict(architecture="jumprelu"),  # thresholds start at L0 64, as in training
         "relu": dict(architecture="relu"),
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
@@ -87,6 +87,7 @@ def saex_rows(d, S, B, k, x, device):
     for name, kw in variants.items():
         def make(kw=kw):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
+            sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
             return _adam_step(lambda: sae.train_forward(x, ctx).loss, None, make_adam(sae.parameters(), 1e-4))
         yield "saex", name, make
 

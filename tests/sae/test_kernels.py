@@ -126,3 +126,16 @@ def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
     for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec", "arch.threshold"):
         a, b = (s.get_parameter(name).grad for s in (dense, sparse))
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_jumprelu_takes_the_dense_path_after_a_dense_step():
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_threshold=-10.0))  # every latent fires
+    paths = []
+    for name in ("_sparse_forward", "_dense_forward"):
+        method = getattr(sae.arch, name)
+        setattr(sae.arch, name, lambda *a, m=method, n=name: paths.append(n) or m(*a))
+    x = torch.randn(8, 16)
+    first = sae.train_forward(x, TrainContext())
+    second = sae.train_forward(x, TrainContext())
+    assert paths == ["_sparse_forward", "_dense_forward"] and float(sae.arch.recent_l0) == 64.0
+    assert torch.allclose(first.x_hat_BD, second.x_hat_BD, atol=1e-5)

@@ -103,6 +103,25 @@ def test_matryoshka_prefixes():
     assert ends[-1] == 64 and ends == sorted(set(ends))
 
 
+@pytest.mark.parametrize("mode", ["fixed", "random"])
+def test_matryoshka_loss_equals_one_masked_decode_per_prefix(mode):
+    from saex.sae import Code
+    from saex.sae.arch.matryoshka import matryoshka_loss
+
+    sae = _sae("topk", matryoshka=mode)
+    x = torch.randn(9, 12)
+    code = sae.encode(x)
+    code.values_BK.requires_grad_()
+    ends = prefix_ends(sae.cfg, sae.d_sae, TrainContext(generator=torch.Generator().manual_seed(3)))
+    expected = torch.stack([(x - (code.dense() * (torch.arange(sae.d_sae) < e)) @ sae.W_dec - sae.b_dec)
+                            .pow(2).sum(-1).mean() for e in ends]).mean()
+    got = matryoshka_loss(sae, x, code, sae.cfg, TrainContext(generator=torch.Generator().manual_seed(3)))
+    assert torch.allclose(got, expected, atol=1e-5)
+    g1, = torch.autograd.grad(got, code.values_BK)
+    g2, = torch.autograd.grad(expected, code.values_BK)
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
 def test_permuting_latents_keeps_the_function_and_moves_adam_state():
     sae = _sae("topk", matryoshka="fixed")
     opt = make_adam(sae.parameters(), 1e-2)

@@ -21,15 +21,18 @@ class Code:
 
     @staticmethod
     def rows_from_flat(flat_N: torch.Tensor, B: int, S: int, *columns_N: torch.Tensor):
-        """Entries given by sorted flat indices into a [B, S] matrix, laid out as rows padded with zeros
-        to the fullest row's count: (latent indices [B, W], then each column [B, W])."""
+        """Entries given by sorted flat indices into a [B, S] matrix, laid out as rows padded to the fullest
+        row's count: (latent indices [B, W], then each column [B, W], zero in the padding)."""
         rows = flat_N // S
         counts = torch.bincount(rows, minlength=B)
         slot = torch.arange(flat_N.numel(), device=flat_N.device) - (counts.cumsum(0) - counts)[rows]
         width = max(int(counts.max()) if B else 0, 1)
+        # padding slots point at distinct latents (with zero values): a run of one repeated index would
+        # serialise the embedding bag's weight gradient on that row
+        spread = torch.arange(width, device=flat_N.device).remainder(S).expand(B, width).clone()
         out = []
-        for col in (flat_N % S, *columns_N):
-            padded = torch.zeros(B, width, dtype=col.dtype, device=col.device)
+        for col, padded in zip((flat_N % S, *columns_N),
+                               (spread, *(torch.zeros(B, width, dtype=c.dtype, device=c.device) for c in columns_N))):
             padded[rows, slot] = col
             out.append(padded)
         return out
