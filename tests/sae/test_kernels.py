@@ -139,3 +139,27 @@ def test_jumprelu_takes_the_dense_path_after_a_dense_step():
     second = sae.train_forward(x, TrainContext())
     assert paths == ["_sparse_forward", "_dense_forward"] and float(sae.arch.recent_l0) == 64.0
     assert torch.allclose(first.x_hat_BD, second.x_hat_BD, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["gaussian", "skewed rows", "few positives", "heavy tail", "misleading sample"])
+def test_batch_top_n_equals_a_full_top_k(case):
+    from saex.sae.arch.topk import top_n
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(64, 610, generator=g)
+    if case == "skewed rows":
+        z *= torch.linspace(0.1, 5, 64)[:, None]
+    elif case == "few positives":
+        z -= 2.5
+    elif case == "heavy tail":
+        z = z.exp() ** 3
+    f = z.relu().flatten()
+    if case == "misleading sample":  # the strided sample sees only large values: the full top-k must take over
+        f = f.abs() + 0.01
+        f[::61] += 100
+    n = 64 * 8
+    positions, values = top_n(f, n)
+    ref = f.topk(n)
+    ref_positions = ref.indices[ref.values > 0]
+    assert torch.equal(positions.sort().values, ref_positions.sort().values)
+    assert torch.equal(values, f[positions])

@@ -63,15 +63,12 @@ class BatchTopK(TopK):
     def kept(self, z_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top k*B of ReLU(z) over the batch, as rows padded with zeros to the fullest row's count."""
         B, S = z_BS.shape
-        f = torch.relu(z_BS).flatten()
-        kept = f.topk(min(self.cfg.k * B, f.numel()), sorted=False)
-        if self.training:
-            positive = kept.values[kept.values > 0]
-            if positive.numel():
-                m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
-                self.threshold.mul_(1 - m).add_(m * positive.min().detach().float())
-        flat = kept.indices.sort().values  # row-major: sorted flat indices come grouped by row
-        indices, values = Code.rows_from_flat(flat, B, S, f[flat])
+        flat, values = top_n(torch.relu(z_BS).flatten(), min(self.cfg.k * B, B * S))
+        if self.training and values.numel():
+            m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
+            self.threshold.mul_(1 - m).add_(m * values.min().detach().float())
+        flat, order = flat.sort()  # row-major: sorted flat indices come grouped by row
+        indices, values = Code.rows_from_flat(flat, B, S, values[order])
         return values, indices
 
     def encode(self, sae, x_BD) -> Code:
@@ -80,6 +77,27 @@ class BatchTopK(TopK):
 
     def inference_state(self, sae):
         return "jumprelu", {"threshold": self.threshold.expand(sae.d_sae).clone()}
+
+
+def top_n(f_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, values) of the n largest entries of a non-negative flat tensor, leaving out zeros.
+
+    One top-k over millions of entries runs on one thread (78 ms for 32,768 of 6.3 M on the CPU here);
+    instead a threshold from a strided sample keeps about 1.25 n candidates, and the result is exact
+    whenever at least n pass it (the n-th largest then passes too); otherwise, one full top-k."""
+    stride = 61 if f_N.numel() % 61 else 59  # co-prime with the row length: the sample spans all latents
+    sample = f_N[::stride]
+    t0 = sample.topk(min(sample.numel(), int(1.25 * n / stride) + 1), sorted=False).values.min()
+    candidates = (f_N > t0.clamp_min(0)).nonzero().squeeze(1)
+    if t0 > 0 and candidates.numel() < n:
+        values, candidates = f_N.topk(n, sorted=False)
+    else:
+        values = f_N[candidates]
+        if candidates.numel() > n:
+            values, j = values.topk(n, sorted=False)
+            candidates = candidates[j]
+    positive = values > 0
+    return candidates[positive], values[positive]
 
 
 def auxk_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, cfg) -> torch.Tensor:
