@@ -12,7 +12,7 @@ from saex.sae.kernels import topk_encode, torch_ops
 def _inputs(dtype=torch.float64, B=6, d=5, S=12):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d, dtype=dtype, generator=g)
-    W = torch.randn(S, d, dtype=dtype, generator=g).T  # latent-major, as the SAE keeps it
+    W = torch.randn(S, d, dtype=dtype, generator=g)  # latent-major, as the SAE keeps it
     b_enc = torch.randn(S, dtype=dtype, generator=g) * 0.1
     b_dec = torch.randn(d, dtype=dtype, generator=g) * 0.1
     return [t.requires_grad_() for t in (x, W, b_enc, b_dec)]
@@ -26,7 +26,7 @@ def test_gradcheck_float64():
 def test_matches_dense_autograd():
     x, W, b_enc, b_dec = _inputs()
     v, i = topk_encode(x, W, b_enc, b_dec, 4)
-    z = (x - b_dec) @ W + b_enc
+    z = (x - b_dec) @ W.T + b_enc
     ref_v, ref_i = z.topk(4, dim=-1, sorted=False)
     ref_v = torch.relu(ref_v)
     assert torch.equal(i, ref_i) and torch.allclose(v, ref_v)
@@ -37,10 +37,10 @@ def test_matches_dense_autograd():
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_row_major_encoder_is_refused_by_name():
+def test_encoder_without_contiguous_rows_is_refused_by_name():
     x, W, b_enc, b_dec = _inputs()
-    with pytest.raises(ValueError, match="latent-major W_enc"):
-        topk_encode(x, W.detach().contiguous(), b_enc, b_dec, 4)
+    with pytest.raises(ValueError, match="latent-major with contiguous rows"):
+        topk_encode(x, W.detach().T.contiguous().T, b_enc, b_dec, 4)
 
 
 def test_sae_reads_the_latent_major_encoder_in_saelens_shape():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from saex.sae.arch import REGISTRY, TrainContext, TrainOutput
@@ -44,8 +45,10 @@ class SAE(nn.Module):
         self.W_dec.copy_(w)
         self.W_enc.copy_(w.T)
 
-    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+    def pre_acts(self, x_BD: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """(x - b_dec) W_enc (+ b_enc), as a linear layer over the latent-major encoder: its weight
+        gradient then comes out latent-major too, with no transposed copy."""
+        return F.linear(x_BD - self.b_dec, self.W_enc_SD, self.b_enc if bias else None)
 
     def encode(self, x_BD: torch.Tensor) -> Code:
         return self.arch.encode(self, x_BD)

@@ -24,7 +24,7 @@ class Gated(Architecture):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def _paths(self, sae, x_BD):
-        wx = (x_BD - sae.b_dec) @ sae.W_enc
+        wx = sae.pre_acts(x_BD, bias=False)
         return wx + sae.b_enc, torch.exp(self.r_mag) * wx + self.b_mag
 
     def encode(self, sae, x_BD) -> Code:

@@ -61,16 +61,16 @@ class SparseJumpReLU(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x_BD, W_enc_DS, b_enc_S, b_dec_D, theta_S, eps: float, select_dtype):
+    def forward(ctx, x_BD, W_enc_SD, b_enc_S, b_dec_D, theta_S, eps: float, select_dtype):
         xc_BD = x_BD - b_dec_D
-        z_BS = biased_gemm(xc_BD, W_enc_DS.T, b_enc_S, select_dtype or xc_BD.dtype)
+        z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, select_dtype or xc_BD.dtype)
         B, S = z_BS.shape
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
         flat = (z_BS > (theta_S - eps / 2).to(z_BS.dtype)).flatten().nonzero().squeeze(1)
         z_N = z_BS.flatten()[flat].to(x_BD.dtype)
         indices_BK, z_BK, valid_BK = Code.rows_from_flat(flat, B, S, z_N, torch.ones_like(z_N, dtype=torch.bool))
         fires_BK = (z_BK > theta_S[indices_BK]) & valid_BK
-        ctx.save_for_backward(xc_BD, W_enc_DS, theta_S, indices_BK, z_BK, fires_BK, valid_BK)
+        ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK)
         ctx.eps = eps
         ctx.mark_non_differentiable(indices_BK)
         return z_BK * fires_BK, indices_BK, fires_BK.sum(-1).to(x_BD.dtype)
@@ -78,13 +78,13 @@ class SparseJumpReLU(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK, _grad_indices, grad_l0_B):
-        xc_BD, W_enc_DS, theta_S, indices_BK, z_BK, fires_BK, valid_BK = ctx.saved_tensors
+        xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK = ctx.saved_tensors
         theta_BK = theta_S[indices_BK]
         window = rectangle((z_BK - theta_BK) / ctx.eps) * valid_BK
         grad_theta_BK = -(window / ctx.eps) * (theta_BK * grad_values_BK + grad_l0_B[:, None])
         grad_theta = torch.zeros_like(theta_S).index_add_(0, indices_BK.reshape(-1), grad_theta_BK.reshape(-1)) \
             if ctx.needs_input_grad[4] else None
-        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_DS, indices_BK, grad_values_BK * fires_BK)
+        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK, grad_values_BK * fires_BK)
         return (*grads, grad_theta, None, None)
 
 
@@ -121,7 +121,7 @@ class JumpReLU(Architecture):
         return out
 
     def _sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        values, indices, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.threshold,
+        values, indices, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold,
                                                      self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
         code = Code(values, indices, sae.d_sae)
         x_hat = sae.decode(code)

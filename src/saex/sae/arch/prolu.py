@@ -34,11 +34,11 @@ class ProLU(Architecture):
     saelens_name = "prolu"  # no SAELens equivalent
 
     def encode(self, sae, x_BD) -> Code:
-        m = (x_BD - sae.b_dec) @ sae.W_enc
+        m = sae.pre_acts(x_BD, bias=False)
         return Code.from_dense(m * ((m + sae.b_enc > 0) & (m > 0)))
 
     def train_forward(self, sae, x_BD, ctx: TrainContext):
-        m = (x_BD - sae.b_dec) @ sae.W_enc
+        m = sae.pre_acts(x_BD, bias=False)
         f_BS = ProLUFn.apply(m, sae.b_enc, self.cfg.prolu_grad == "ste")
         l1 = (f_BS * sae.W_dec.norm(dim=1)).sum(-1).mean()
         return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})

@@ -35,7 +35,7 @@ class TopK(Architecture):
 
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         if self.uses_sparse_kernel(ctx):
-            values, indices = sparse_encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.kept,
+            values, indices = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept,
                                             select_dtype(self.cfg, x_BD))
             z_BS, code = None, Code(values, indices, sae.d_sae)
         else:

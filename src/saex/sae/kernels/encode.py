@@ -3,9 +3,9 @@
 Forward: z = (x - b_dec) W_enc + b_enc (one GEMM, optionally in bfloat16), then the architecture's
 selection, which returns the kept latents' activations (z where positive, else 0) in top-k form.
 Backward touches only the kept latents: the encoder weight gradient is `scatter_rows` of the centred
-inputs and the input gradient a `decode` through W_enc, instead of two dense [B, S] x [S, D] GEMMs
-through a mostly-zero [B, S] gradient. W_enc must be latent-major in memory (W_enc.T contiguous), as
-`saex.sae.SAE` keeps it."""
+inputs and the input gradient a `decode` through the encoder, instead of two dense [B, S] x [S, D]
+GEMMs through a mostly-zero [B, S] gradient. The encoder comes latent-major, W_enc_SD = W_enc^T, as
+`saex.sae.SAE` stores it."""
 
 from __future__ import annotations
 
@@ -21,32 +21,32 @@ Select = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 class SparseEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under the forward's autocast state
-    def forward(ctx, x_BD, W_enc_DS, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None):
+    def forward(ctx, x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None):
         xc_BD = x_BD - b_dec_D
         # with select_dtype bfloat16 the selecting GEMM is cheaper; the values come from the same product
-        z_BS = biased_gemm(xc_BD, W_enc_DS.T, b_enc_S, select_dtype or xc_BD.dtype)
+        z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, select_dtype or xc_BD.dtype)
         values_BK, indices_BK = select(z_BS)
         values_BK = values_BK.to(x_BD.dtype)
-        ctx.save_for_backward(xc_BD, W_enc_DS, indices_BK, values_BK)
+        ctx.save_for_backward(xc_BD, W_enc_SD, indices_BK, values_BK)
         ctx.mark_non_differentiable(indices_BK)
         return values_BK, indices_BK
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK, _grad_indices):
-        xc_BD, W_enc_DS, indices_BK, values_BK = ctx.saved_tensors
+        xc_BD, W_enc_SD, indices_BK, values_BK = ctx.saved_tensors
         g_BK = grad_values_BK * (values_BK > 0)  # kept latents with z <= 0 output 0 (the ReLU)
-        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_DS, indices_BK, g_BK), None, None)
+        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK, g_BK), None, None)
 
 
-def encoder_grads(needs, xc_BD, W_enc_DS, indices_BK, g_BK):
+def encoder_grads(needs, xc_BD, W_enc_SD, indices_BK, g_BK):
     """Gradients of (x, W_enc, b_enc, b_dec) from g = dL/dz at the kept latents (zero elsewhere)."""
-    ops = backend(W_enc_DS)
-    W_SD = W_enc_DS.T
-    grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, W_SD.shape[0]).T.to(W_enc_DS.dtype) if needs[1] else None
-    grad_b_enc = torch.zeros(W_SD.shape[0], dtype=g_BK.dtype, device=g_BK.device).index_add_(
+    ops = backend(W_enc_SD)
+    S = W_enc_SD.shape[0]
+    grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, S).to(W_enc_SD.dtype) if needs[1] else None
+    grad_b_enc = torch.zeros(S, dtype=g_BK.dtype, device=g_BK.device).index_add_(
         0, indices_BK.reshape(-1), g_BK.reshape(-1)) if needs[2] else None
-    grad_xc = ops.decode(W_SD, g_BK, indices_BK) if needs[0] or needs[3] else None
+    grad_xc = ops.decode(W_enc_SD, g_BK, indices_BK) if needs[0] or needs[3] else None
     grad_x = grad_xc.to(xc_BD.dtype) if needs[0] else None
     grad_b_dec = -grad_xc.sum(0) if needs[3] else None
     return grad_x, grad_W, grad_b_enc, grad_b_dec
@@ -69,12 +69,12 @@ def biased_gemm(x_BD: torch.Tensor, W_SD: torch.Tensor, b_S: torch.Tensor, dtype
     return x_aug @ W_aug.T
 
 
-def sparse_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None = None):
+def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None = None):
     """(values [B, K], indices [B, K]) of `select(z)`, with a backward that touches only the kept latents."""
-    if not W_enc_DS.T.is_contiguous():
-        raise ValueError(f"sparse_encode needs a latent-major W_enc (W_enc.T contiguous); got strides "
-                         f"{W_enc_DS.stride()} for shape {tuple(W_enc_DS.shape)}")
-    return SparseEncode.apply(x_BD, W_enc_DS, b_enc_S, b_dec_D, select, select_dtype)
+    if W_enc_SD.stride(-1) != 1:
+        raise ValueError(f"sparse_encode needs the encoder latent-major with contiguous rows ([d_sae, d_in]); "
+                         f"got strides {W_enc_SD.stride()} for shape {tuple(W_enc_SD.shape)}")
+    return SparseEncode.apply(x_BD, W_enc_SD, b_enc_S, b_dec_D, select, select_dtype)
 
 
 def select_topk(k: int) -> Select:
@@ -84,6 +84,6 @@ def select_topk(k: int) -> Select:
     return select
 
 
-def topk_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
+def topk_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
     """(values [B, k], indices [B, k]) of TopK(ReLU(pre-activations)), with a sparse backward."""
-    return sparse_encode(x_BD, W_enc_DS, b_enc_S, b_dec_D, select_topk(k), select_dtype)
+    return sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select_topk(k), select_dtype)
