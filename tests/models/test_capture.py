@@ -20,7 +20,7 @@ def _inputs(adapter):
 
 def _hidden_states(adapter, batch):
     with torch.no_grad():
-        return adapter.backbone(**batch.inputs, output_hidden_states=True).hidden_states
+        return adapter.backbone(**adapter.on_device(batch).inputs, output_hidden_states=True).hidden_states
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
