@@ -163,3 +163,11 @@ def test_batch_top_n_equals_a_full_top_k(case):
     ref_positions = ref.indices[ref.values > 0]
     assert torch.equal(positions.sort().values, ref_positions.sort().values)
     assert torch.equal(values, f[positions])
+
+
+def test_float32_selection_holds_under_an_enclosing_autocast():
+    x, W, b_enc, b_dec = (t.detach().float() for t in _inputs(B=16, d=8, S=64))
+    plain = topk_encode(x, W, b_enc, b_dec, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = topk_encode(x, W, b_enc, b_dec, 4)
+    assert torch.equal(plain[0], inside[0]) and torch.equal(plain[1], inside[1])

@@ -17,6 +17,7 @@ def _case(B=5, K=19, D=150, S=23, dtype=torch.float32, seed=0):
     idx = torch.randint(0, S - 3, (B, K), generator=g)
     idx[0, :3] = idx[0, 3]
     val = torch.rand(B, K, generator=g, dtype=dtype)
+    val[1, :4] = 0  # zero-valued entries (padding) must not disturb the sums
     X = torch.randn(B, D, generator=g, dtype=dtype)
     return [t.to(DEVICE) for t in (W, val, idx, X)]
 

@@ -18,7 +18,7 @@ class DeadTracker:
 
     def update(self, fired_S: torch.Tensor, n_tokens: int) -> None:
         self.since_S += n_tokens
-        self.since_S[fired_S] = 0
+        self.since_S.masked_fill_(fired_S, 0)  # no host sync, unlike boolean indexing
         self.total += n_tokens
 
     def dead(self) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
 from saex.sae.code import Code
@@ -73,9 +74,10 @@ class SparseJumpReLU(torch.autograd.Function):
         ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK)
         ctx.eps = eps
         ctx.mark_non_differentiable(indices_BK)
-        return z_BK * fires_BK, indices_BK, fires_BK.sum(-1).to(x_BD.dtype)
+        return z_BK * fires_BK, indices_BK, fires_BK.sum(-1, dtype=torch.float32)
 
     @staticmethod
+    @once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_values_BK, _grad_indices, grad_l0_B):
         xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK = ctx.saved_tensors

@@ -65,7 +65,7 @@ class BatchTopK(TopK):
         B, S = z_BS.shape
         flat, values = top_n(torch.relu(z_BS).flatten(), min(self.cfg.k * B, B * S))
         if self.training and values.numel():
-            m = self.cfg.batchtopk_momentum if self.threshold > 0 else 1.0
+            m = torch.where(self.threshold > 0, self.cfg.batchtopk_momentum, 1.0)  # the first step sets it
             self.threshold.mul_(1 - m).add_(m * values.min().detach().float())
         flat, order = flat.sort()  # row-major: sorted flat indices come grouped by row
         indices, values = Code.rows_from_flat(flat, B, S, values[order])
