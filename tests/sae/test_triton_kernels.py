@@ -60,3 +60,27 @@ def test_decode_gradients_match_the_torch_path():
         grads.append(torch.autograd.grad((ops.decode(w, v, idx) * G).sum(), (w, v)))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compares the Triton and torch paths in a step")
+@pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {}),
+                                         ("batchtopk", {"matryoshka": "fixed"})])
+def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra):
+    from saex.sae import SAE, SAEConfig
+    from saex.sae.arch import TrainContext
+
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=256, d_sae=4096, k=16, architecture=arch, select_precision="float32", **extra)
+    x = torch.randn(512, 256, device="cuda")
+    grads = []
+    for kernels in ("auto", "torch"):
+        monkeypatch.setenv("SAEX_KERNELS", kernels)
+        torch.manual_seed(1)
+        sae = SAE(cfg).cuda()
+        sae.arch.init_from_data(sae, x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1))
+        out.loss.backward()
+        grads.append({n: p.grad.float() for n, p in sae.named_parameters() if p.grad is not None})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-3, atol=1e-5), name
