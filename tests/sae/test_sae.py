@@ -105,7 +105,6 @@ def test_matryoshka_prefixes():
 
 @pytest.mark.parametrize("mode", ["fixed", "random"])
 def test_matryoshka_loss_equals_one_masked_decode_per_prefix(mode):
-    from saex.sae import Code
     from saex.sae.arch.matryoshka import matryoshka_loss
 
     sae = _sae("topk", matryoshka=mode)
