@@ -56,7 +56,8 @@ def test_scatter_rows_matches_a_dense_product():
     idx = torch.tensor([[0, 3, 3], [2, 0, 1], [4, 4, 4], [0, 1, 2], [5, 5, 0], [1, 1, 1], [3, 2, 1]])
     val = torch.rand(7, 3, dtype=torch.float64)
     dense_BS = torch.zeros(7, 8, dtype=torch.float64).scatter_add_(1, idx, val)
-    assert torch.allclose(torch_ops.scatter_rows(X, val, idx, 8), dense_BS.T @ X)
+    rows = torch.arange(7).repeat_interleave(3)
+    assert torch.allclose(torch_ops.scatter_rows(X, val.flatten(), idx.flatten(), rows, 8), dense_BS.T @ X)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

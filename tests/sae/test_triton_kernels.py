@@ -10,54 +10,60 @@ pytestmark = pytest.mark.skipif(not triton_ops.AVAILABLE, reason="Triton is not 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _case(B=5, K=19, D=150, S=23, dtype=torch.float32, seed=0):
-    """K and D not multiples of the blocks; repeated latents within rows; some latents never selected."""
+def _case(M=6, D=300, S=23, dtype=torch.float32, seed=0):
+    """Bags of 0 to 40 entries (more than a block, and empty ones), D not a multiple of the block,
+    repeated latents within a bag, zero values, and latents nobody selects."""
     g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([5, 0, 40, 1, 19, 33])[:M]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    N = int(offsets[-1])
     W = torch.randn(S, D, generator=g, dtype=dtype)
-    idx = torch.randint(0, S - 3, (B, K), generator=g)
-    idx[0, :3] = idx[0, 3]
-    val = torch.rand(B, K, generator=g, dtype=dtype)
-    val[1, :4] = 0  # zero-valued entries (padding) must not disturb the sums
-    X = torch.randn(B, D, generator=g, dtype=dtype)
-    return [t.to(DEVICE) for t in (W, val, idx, X)]
+    idx = torch.randint(0, S - 3, (N,), generator=g)
+    idx[:3] = idx[3]
+    val = torch.rand(N, generator=g, dtype=dtype)
+    val[6:10] = 0
+    rows = torch.arange(M).repeat_interleave(sizes)
+    G = torch.randn(M, D, generator=g, dtype=dtype)
+    return [t.to(DEVICE) for t in (W, val, idx, offsets, rows, G)]
 
 
 def test_gather_sum_matches_the_embedding_bag():
-    W, val, idx, _ = _case()
-    assert torch.allclose(triton_ops.gather_sum(W, val, idx), torch_ops.decode(W, val, idx), atol=1e-5)
+    W, val, idx, offsets, _, _ = _case()
+    assert torch.allclose(triton_ops.gather_sum(W, val, idx, offsets), torch_ops.decode(W, val, idx, offsets),
+                          atol=1e-5)
 
 
 def test_gather_dot_matches_a_gathered_product():
-    W, _, idx, X = _case()
-    assert torch.allclose(triton_ops.gather_dot(X, W, idx), (W[idx] * X[:, None, :]).sum(-1), atol=1e-4)
+    W, _, idx, _, rows, G = _case()
+    assert torch.allclose(triton_ops.gather_dot(G, W, idx, rows), (W[idx] * G[rows]).sum(-1), atol=1e-4)
 
 
 def test_scatter_rows_matches_the_torch_path_and_zeroes_unselected_latents():
-    W, val, idx, X = _case()
-    out = triton_ops.scatter_rows(X, val, idx, W.shape[0])
-    assert torch.allclose(out, torch_ops.scatter_rows(X, val, idx, W.shape[0]), atol=1e-5)
+    W, val, idx, _, rows, G = _case()
+    out = triton_ops.scatter_rows(G, val, idx, rows, W.shape[0])
+    assert torch.allclose(out, torch_ops.scatter_rows(G, val, idx, rows, W.shape[0]), atol=1e-5)
     assert out[-3:].abs().sum() == 0
 
 
 def test_bfloat16_values_accumulate_in_float32():
-    W, val, idx, _ = _case()
-    out = triton_ops.gather_sum(W, val.bfloat16(), idx)
+    W, val, idx, offsets, _, _ = _case()
+    out = triton_ops.gather_sum(W, val.bfloat16(), idx, offsets)
     assert out.dtype == torch.float32
-    assert torch.allclose(out, torch_ops.decode(W, val.bfloat16().float(), idx), atol=1e-5)
+    assert torch.allclose(out, torch_ops.decode(W, val.bfloat16().float(), idx, offsets), atol=1e-5)
 
 
 def test_decode_gradcheck_float64():
-    W, val, idx, _ = _case(B=3, K=5, D=7, S=9, dtype=torch.float64)
+    W, val, idx, offsets, _, _ = _case(M=4, D=7, S=9, dtype=torch.float64)
     W.requires_grad_(), val.requires_grad_()
-    assert gradcheck(lambda w, v: triton_ops.decode(w, v, idx), (W, val), eps=1e-6, atol=1e-6)
+    assert gradcheck(lambda w, v: triton_ops.decode(w, v, idx, offsets), (W, val), eps=1e-6, atol=1e-6)
 
 
 def test_decode_gradients_match_the_torch_path():
-    W, val, idx, G = _case()
+    W, val, idx, offsets, _, G = _case()
     grads = []
     for ops in (triton_ops, torch_ops):
         w, v = W.clone().requires_grad_(), val.clone().requires_grad_()
-        grads.append(torch.autograd.grad((ops.decode(w, v, idx) * G).sum(), (w, v)))
+        grads.append(torch.autograd.grad((ops.decode(w, v, idx, offsets) * G).sum(), (w, v)))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-4)
 

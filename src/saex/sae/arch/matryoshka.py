@@ -6,6 +6,7 @@ import torch
 
 from saex.sae.arch.base import TrainContext
 from saex.sae.code import Code
+from saex.sae.kernels import decode
 
 
 def prefix_ends(cfg, d_sae: int, ctx: TrainContext) -> list[int]:
@@ -20,15 +21,17 @@ def prefix_ends(cfg, d_sae: int, ctx: TrainContext) -> list[int]:
 def matryoshka_loss(sae, x_BD: torch.Tensor, code: Code, cfg, ctx: TrainContext) -> torch.Tensor:
     """Mean over prefixes of the reconstruction error using only the latents before each end.
 
-    One decode serves every prefix: the code's entries are regrouped into one bag per (row, group of
-    latents between two ends), and the prefixes' reconstructions are running sums of the bags'. The
+    One decode serves every prefix: the code's entries are regrouped, without padding, into one bag per
+    (row, group of latents between two ends), and the prefixes' reconstructions are running sums of the
+    bags'. The
     smallest prefix gets gradient from every loss, which seed 004 found to matter."""
     ends = torch.tensor(prefix_ends(cfg, sae.d_sae, ctx), device=x_BD.device)
     B, G, S = x_BD.shape[0], len(ends), sae.d_sae
     group_BK = torch.bucketize(code.indices_BK, ends, right=True)  # the group each kept latent falls in
-    rows_BK = torch.arange(B, device=x_BD.device)[:, None].expand_as(group_BK)
-    flat_N, order = ((rows_BK * G + group_BK) * S + code.indices_BK).flatten().sort()
-    indices, values = Code.rows_from_flat(flat_N, B * G, S, code.values_BK.flatten()[order])
-    partial_BGD = sae.decode(Code(values, indices, S), bias=False).view(B, G, -1)
+    bag_BK = torch.arange(B, device=x_BD.device)[:, None] * G + group_BK  # one bag per (row, group)
+    bag_N, order = bag_BK.flatten().sort()
+    offsets = torch.searchsorted(bag_N, torch.arange(B * G + 1, device=x_BD.device))
+    partial_BGD = decode(sae.W_dec, code.values_BK.flatten()[order], code.indices_BK.flatten()[order],
+                         offsets).view(B, G, -1)
     prefix_BGD = partial_BGD.cumsum(1) + sae.b_dec
     return (x_BD[:, None, :] - prefix_BGD).pow(2).sum(-1).mean()

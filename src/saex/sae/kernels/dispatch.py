@@ -1,4 +1,4 @@
-"""Which backend serves a tensor, and the decoder through it."""
+"""Which backend serves a tensor, and the entry points that accept codes in top-k form or as bags."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ def backend(t: torch.Tensor):
     return triton_ops if triton_ops.usable(t) else torch_ops
 
 
-def decode(W_SD: torch.Tensor, values_BK: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
-    """sum_j values[b, j] * W[indices[b, j]] -> [B, D], differentiable in W and the values."""
-    return backend(W_SD).decode(W_SD, values_BK, indices_BK)
+def bags_of_rows(B: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets [B + 1] and row ids [B K] of a [B, K] code read as B bags of K entries."""
+    return (torch.arange(0, B * K + 1, K, device=device),
+            torch.arange(B, device=device).repeat_interleave(K))
+
+
+def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+           offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sums of rows of W, differentiable in W and the values. Either a code in top-k form
+    (values and indices [B, K]) -> [B, D], or flat entries [N] in bags: bag m holds the entries
+    offsets[m]:offsets[m + 1] (offsets [M + 1], no padding) -> [M, D]."""
+    if offsets is None:
+        offsets = bags_of_rows(*indices.shape, indices.device)[0]
+    return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from saex.sae.kernels.dispatch import backend
+from saex.sae.kernels.dispatch import backend, bags_of_rows
 
 Select = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -44,12 +44,13 @@ class SparseEncode(torch.autograd.Function):
 def encoder_grads(needs, xc_BD, W_enc_SD, indices_BK, g_BK):
     """Gradients of (x, W_enc, b_enc, b_dec) from g = dL/dz at the kept latents (zero elsewhere)."""
     ops = backend(W_enc_SD)
-    S = W_enc_SD.shape[0]
-    g_BK = g_BK.to(W_enc_SD.dtype)  # accumulate in the master weights' precision
-    grad_W = ops.scatter_rows(xc_BD, g_BK, indices_BK, S).to(W_enc_SD.dtype) if needs[1] else None
-    grad_b_enc = torch.zeros(S, dtype=g_BK.dtype, device=g_BK.device).index_add_(0, indices_BK.reshape(-1),
-                                                                                 g_BK.reshape(-1))
-    grad_x = ops.decode(W_enc_SD, g_BK, indices_BK).to(xc_BD.dtype) if needs[0] else None
+    (B, K), S = indices_BK.shape, W_enc_SD.shape[0]
+    offsets, rows_N = bags_of_rows(B, K, indices_BK.device)
+    g_N = g_BK.reshape(-1).to(W_enc_SD.dtype)  # accumulate in the master weights' precision
+    indices_N = indices_BK.reshape(-1)
+    grad_W = ops.scatter_rows(xc_BD, g_N, indices_N, rows_N, S).to(W_enc_SD.dtype) if needs[1] else None
+    grad_b_enc = torch.zeros(S, dtype=g_N.dtype, device=g_N.device).index_add_(0, indices_N, g_N)
+    grad_x = ops.decode(W_enc_SD, g_N, indices_N, offsets).to(xc_BD.dtype) if needs[0] else None
     # sum_b dL/dxc_b = sum_s (sum of s's g) W_enc_SD[s]: a product with grad_b_enc, no [B, D] gather
     grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_b_enc @ W_enc_SD) if needs[3] else None
     return grad_x, grad_W, grad_b_enc if needs[2] else None, grad_b_dec

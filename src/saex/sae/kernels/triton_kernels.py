@@ -9,41 +9,42 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_sum_kernel(W, V, I, Out, K, D, stride_w,
-                      ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Out[b, d-block] = sum_j V[b, j] W[I[b, j], d-block]; one program per (row, d-block)."""
-    b = tl.program_id(0).to(tl.int64)
+def gather_sum_kernel(W, V, I, Offsets, Out, D, stride_w,
+                      ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Out[m, d-block] = sum over bag m's entries e of V[e] W[I[e], d-block]; one program per (bag, d-block)."""
+    m = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        idx = tl.load(I + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-        v = tl.load(V + b * K + offs_k, mask=mask_k, other=0.0).to(ACC)
-        w = tl.load(W + idx[:, None] * stride_w + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
+    start = tl.load(Offsets + m)
+    end = tl.load(Offsets + m + 1)
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < end
+        idx = tl.load(I + offs_e, mask=mask_e, other=0).to(tl.int64)
+        v = tl.load(V + offs_e, mask=mask_e, other=0.0).to(ACC)
+        w = tl.load(W + idx[:, None] * stride_w + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :],
                     other=0.0).to(ACC)
         acc += w * v[:, None]
-    tl.store(Out + b * D + offs_d, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=mask_d)
+    tl.store(Out + m * D + offs_d, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
-def gather_dot_kernel(G, W, I, Out, K, D, stride_w,
-                      ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Out[b, j] = <G[b], W[I[b, j]]>; one program per (row, k-block)."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    idx = tl.load(I + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)
+def gather_dot_kernel(G, W, I, R, Out, N, D, stride_w,
+                      ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Out[e] = <G[R[e]], W[I[e]]>; one program per block of entries."""
+    offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < N
+    idx = tl.load(I + offs_e, mask=mask_e, other=0).to(tl.int64)
+    row = tl.load(R + offs_e, mask=mask_e, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        g = tl.load(G + b * D + offs_d, mask=mask_d, other=0.0).to(ACC)
-        w = tl.load(W + idx[:, None] * stride_w + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
-                    other=0.0).to(ACC)
-        acc += w * g[None, :]
-    tl.store(Out + b * K + offs_k, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=mask_k)
+        mask = mask_e[:, None] & (offs_d < D)[None, :]
+        g = tl.load(G + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + idx[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        acc += w * g
+    tl.store(Out + offs_e, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=mask_e)
 
 
 @triton.jit
