@@ -47,7 +47,11 @@ class Code:
         return (self.values_BK != 0).sum(-1)
 
     def fired(self) -> torch.Tensor:
-        """bool [d_sae]: which latents are active in some row (a scatter, no host sync)."""
-        active = (self.values_BK != 0).to(torch.int32).reshape(-1)
-        counts = torch.zeros(self.d_sae, dtype=torch.int32, device=active.device)
-        return counts.index_add_(0, self.indices_BK.reshape(-1), active) > 0
+        """bool [d_sae]: which latents are active in some row."""
+        return fired_latents(self.indices_BK, self.values_BK, self.d_sae)
+
+
+def fired_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """bool [d_sae]: the latents with a nonzero value among the entries (a scatter, no host sync)."""
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), (values != 0).to(torch.int32).reshape(-1)) > 0

@@ -9,7 +9,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
-from saex.sae.code import Code
+from saex.sae.code import Code, fired_latents
+from saex.sae.kernels import decode
 from saex.sae.kernels.encode import biased_gemm, encoder_grads
 from saex.sae.kernels.precision import select_dtype
 
@@ -57,8 +58,9 @@ class StepFn(torch.autograd.Function):
 class SparseJumpReLU(torch.autograd.Function):
     """JumpReLUFn and StepFn on the sparse kernels: the code keeps the latents that fire (z > theta) and
     those inside the threshold's kernel window (|z - theta| < eps / 2, where the straight-through
-    gradient of theta lives), so that the decoder's backward gives dL/df there too. Returns the code in
-    top-k form and each row's L0, differentiable in theta like StepFn."""
+    gradient of theta lives), so that the decoder's backward gives dL/df there too. Returns the code as
+    flat entries in one bag per row (values [N], latent indices [N], offsets [B + 1]; rows hold very
+    different counts, so no padding) and each row's L0, differentiable in theta like StepFn."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -67,26 +69,29 @@ class SparseJumpReLU(torch.autograd.Function):
         z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, select_dtype or xc_BD.dtype)
         B, S = z_BS.shape
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
-        flat = (z_BS > (theta_S - eps / 2).to(z_BS.dtype)).flatten().nonzero().squeeze(1)
+        flat = (z_BS > (theta_S - eps / 2).to(z_BS.dtype)).flatten().nonzero().squeeze(1)  # row-major order
+        rows_N, indices_N = flat // S, flat % S
         z_N = z_BS.flatten()[flat].to(x_BD.dtype)
-        indices_BK, z_BK, valid_BK = Code.rows_from_flat(flat, B, S, z_N, torch.ones_like(z_N, dtype=torch.bool))
-        fires_BK = (z_BK > theta_S[indices_BK]) & valid_BK
-        ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK)
+        fires_N = z_N > theta_S[indices_N]
+        offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=flat.device))
+        l0_B = torch.zeros(B, dtype=torch.float32, device=flat.device).index_add_(0, rows_N, fires_N.float())
+        ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N)
         ctx.eps = eps
-        ctx.mark_non_differentiable(indices_BK)
-        return z_BK * fires_BK, indices_BK, fires_BK.sum(-1, dtype=torch.float32)
+        ctx.mark_non_differentiable(indices_N, offsets)
+        return z_N * fires_N, indices_N, offsets, l0_B
 
     @staticmethod
     @once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_values_BK, _grad_indices, grad_l0_B):
-        xc_BD, W_enc_SD, theta_S, indices_BK, z_BK, fires_BK, valid_BK = ctx.saved_tensors
-        theta_BK = theta_S[indices_BK]
-        window = rectangle((z_BK - theta_BK) / ctx.eps) * valid_BK
-        grad_theta_BK = -(window / ctx.eps) * (theta_BK * grad_values_BK + grad_l0_B[:, None])
-        grad_theta = torch.zeros_like(theta_S).index_add_(0, indices_BK.reshape(-1), grad_theta_BK.reshape(-1)) \
+    def backward(ctx, grad_values_N, _grad_indices, _grad_offsets, grad_l0_B):
+        xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N = ctx.saved_tensors
+        theta_N = theta_S[indices_N]
+        window = rectangle((z_N - theta_N) / ctx.eps)
+        grad_theta_N = -(window / ctx.eps) * (theta_N * grad_values_N + grad_l0_B[rows_N])
+        grad_theta = torch.zeros_like(theta_S).index_add_(0, indices_N, grad_theta_N) \
             if ctx.needs_input_grad[4] else None
-        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK, grad_values_BK * fires_BK)
+        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_N, grad_values_N * fires_N,
+                              rows_N, offsets)
         return (*grads, grad_theta, None, None)
 
 
@@ -123,12 +128,12 @@ class JumpReLU(Architecture):
         return out
 
     def _sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        values, indices, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold,
-                                                     self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
-        code = Code(values, indices, sae.d_sae)
-        x_hat = sae.decode(code)
+        values_N, indices_N, offsets, l0_B = SparseJumpReLU.apply(
+            x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold, self.cfg.jumprelu_bandwidth,
+            select_dtype(self.cfg, x_BD))
+        x_hat = decode(sae.W_dec, values_N, indices_N, offsets) + sae.b_dec
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
-        return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
+        return TrainOutput(x_hat, losses, fired_latents(indices_N, values_N, sae.d_sae), l0_B.detach().mean())
 
     def _dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         z_BS = sae.pre_acts(x_BD)

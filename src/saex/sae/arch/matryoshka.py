@@ -26,7 +26,7 @@ def matryoshka_loss(sae, x_BD: torch.Tensor, code: Code, cfg, ctx: TrainContext)
     bags'. The
     smallest prefix gets gradient from every loss, which seed 004 found to matter."""
     ends = torch.tensor(prefix_ends(cfg, sae.d_sae, ctx), device=x_BD.device)
-    B, G, S = x_BD.shape[0], len(ends), sae.d_sae
+    B, G = x_BD.shape[0], len(ends)
     group_BK = torch.bucketize(code.indices_BK, ends, right=True)  # the group each kept latent falls in
     bag_BK = torch.arange(B, device=x_BD.device)[:, None] * G + group_BK  # one bag per (row, group)
     bag_N, order = bag_BK.flatten().sort()

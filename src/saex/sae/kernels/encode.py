@@ -38,16 +38,17 @@ class SparseEncode(torch.autograd.Function):
     def backward(ctx, grad_values_BK, _grad_indices):
         xc_BD, W_enc_SD, indices_BK, values_BK = ctx.saved_tensors
         g_BK = grad_values_BK * (values_BK > 0)  # kept latents with z <= 0 output 0 (the ReLU)
-        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK, g_BK), None, None)
+        offsets, rows_N = bags_of_rows(*indices_BK.shape, indices_BK.device)
+        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK.reshape(-1), g_BK.reshape(-1),
+                               rows_N, offsets), None, None)
 
 
-def encoder_grads(needs, xc_BD, W_enc_SD, indices_BK, g_BK):
-    """Gradients of (x, W_enc, b_enc, b_dec) from g = dL/dz at the kept latents (zero elsewhere)."""
+def encoder_grads(needs, xc_BD, W_enc_SD, indices_N, g_N, rows_N, offsets):
+    """Gradients of (x, W_enc, b_enc, b_dec) from g = dL/dz at the kept entries (flat, with their rows
+    and one bag per row), zero elsewhere."""
     ops = backend(W_enc_SD)
-    (B, K), S = indices_BK.shape, W_enc_SD.shape[0]
-    offsets, rows_N = bags_of_rows(B, K, indices_BK.device)
-    g_N = g_BK.reshape(-1).to(W_enc_SD.dtype)  # accumulate in the master weights' precision
-    indices_N = indices_BK.reshape(-1)
+    S = W_enc_SD.shape[0]
+    g_N = g_N.to(W_enc_SD.dtype)  # accumulate in the master weights' precision
     grad_W = ops.scatter_rows(xc_BD, g_N, indices_N, rows_N, S).to(W_enc_SD.dtype) if needs[1] else None
     grad_b_enc = torch.zeros(S, dtype=g_N.dtype, device=g_N.device).index_add_(0, indices_N, g_N)
     grad_x = ops.decode(W_enc_SD, g_N, indices_N, offsets).to(xc_BD.dtype) if needs[0] else None
