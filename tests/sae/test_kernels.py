@@ -82,8 +82,8 @@ def test_sae_sparse_and_dense_paths_agree(arch):
 def test_batchtopk_keeps_the_batch_top_k_times_b():
     sae = SAE(SAEConfig(d_in=8, d_sae=40, k=3, architecture="batchtopk"))
     z = torch.randn(6, 40)
-    values, indices = sae.arch.kept(z)
-    dense = torch.zeros(6, 40).scatter_add_(1, indices, values)
+    code = sae.arch.kept(z)
+    dense = torch.zeros(6, 40).index_put_((code.rows(), code.indices_N), code.values_N, accumulate=True)
     f = z.relu().flatten()
     expected = torch.zeros_like(f)
     top = f.topk(18).indices

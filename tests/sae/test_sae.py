@@ -114,7 +114,7 @@ def test_matryoshka_loss_equals_one_masked_decode_per_prefix(mode):
     ends = prefix_ends(sae.cfg, sae.d_sae, TrainContext(generator=torch.Generator().manual_seed(3)))
     expected = torch.stack([(x - (code.dense() * (torch.arange(sae.d_sae) < e)) @ sae.W_dec - sae.b_dec)
                             .pow(2).sum(-1).mean() for e in ends]).mean()
-    got = matryoshka_loss(sae, x, code, sae.cfg, TrainContext(generator=torch.Generator().manual_seed(3)))
+    got = matryoshka_loss(sae, x, code.bags(), sae.cfg, TrainContext(generator=torch.Generator().manual_seed(3)))
     assert torch.allclose(got, expected, atol=1e-5)
     g1, = torch.autograd.grad(got, code.values_BK)
     g2, = torch.autograd.grad(expected, code.values_BK)

@@ -1,4 +1,5 @@
-"""Sparse codes in top-k form: every architecture's encode returns one."""
+"""Sparse codes: in top-k form (what every architecture's encode returns), and as bags of flat entries
+(what training steps keep: rows may hold very different counts, and nothing is padded)."""
 
 from __future__ import annotations
 
@@ -19,24 +20,6 @@ class Code:
         values, indices = f_BS.topk(k, dim=-1, sorted=False)
         return Code(values, indices, f_BS.shape[-1])
 
-    @staticmethod
-    def rows_from_flat(flat_N: torch.Tensor, B: int, S: int, *columns_N: torch.Tensor):
-        """Entries given by sorted flat indices into a [B, S] matrix, laid out as rows padded to the fullest
-        row's count: (latent indices [B, W], then each column [B, W], zero in the padding)."""
-        rows = flat_N // S
-        counts = torch.bincount(rows, minlength=B)
-        slot = torch.arange(flat_N.numel(), device=flat_N.device) - (counts.cumsum(0) - counts)[rows]
-        width = max(int(counts.max()) if B else 0, 1)
-        # padding slots point at distinct latents (with zero values): a run of one repeated index would
-        # serialise the embedding bag's weight gradient on that row
-        spread = torch.arange(width, device=flat_N.device).remainder(S).expand(B, width).clone()
-        out = []
-        for col, padded in zip((flat_N % S, *columns_N),
-                               (spread, *(torch.zeros(B, width, dtype=c.dtype, device=c.device) for c in columns_N))):
-            padded[rows, slot] = col
-            out.append(padded)
-        return out
-
     def dense(self) -> torch.Tensor:
         out = torch.zeros(*self.values_BK.shape[:-1], self.d_sae, dtype=self.values_BK.dtype,
                           device=self.values_BK.device)
@@ -49,6 +32,36 @@ class Code:
     def fired(self) -> torch.Tensor:
         """bool [d_sae]: which latents are active in some row."""
         return fired_latents(self.indices_BK, self.values_BK, self.d_sae)
+
+    def bags(self) -> "Bags":
+        B, K = self.indices_BK.shape
+        return Bags(self.values_BK.reshape(-1), self.indices_BK.reshape(-1),
+                    torch.arange(0, B * K + 1, K, device=self.indices_BK.device), self.d_sae)
+
+
+@dataclass
+class Bags:
+    """A batch's code as flat entries: row b holds entries offsets[b]:offsets[b + 1]."""
+
+    values_N: torch.Tensor  # activations of the kept latents (some may be 0)
+    indices_N: torch.Tensor  # their latent indices, int64
+    offsets: torch.Tensor  # [B + 1], int64
+    d_sae: int
+
+    def rows(self) -> torch.Tensor:
+        """[N]: the row of each entry."""
+        B = self.offsets.numel() - 1
+        return torch.arange(B, device=self.offsets.device).repeat_interleave(self.offsets.diff(),
+                                                                              output_size=self.indices_N.numel())
+
+    def l0(self) -> torch.Tensor:
+        """Active latents per row (float32)."""
+        return torch.zeros(self.offsets.numel() - 1, dtype=torch.float32, device=self.values_N.device).index_add_(
+            0, self.rows(), (self.values_N != 0).float())
+
+    def fired(self) -> torch.Tensor:
+        """bool [d_sae]: which latents are active in some row."""
+        return fired_latents(self.indices_N, self.values_N, self.d_sae)
 
 
 def fired_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:

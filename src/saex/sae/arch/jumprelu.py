@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
-from saex.sae.code import Code, fired_latents
+from saex.sae.code import Bags, Code
 from saex.sae.kernels import decode
 from saex.sae.kernels.encode import biased_gemm, encoder_grads
 from saex.sae.kernels.precision import select_dtype
@@ -128,12 +128,12 @@ class JumpReLU(Architecture):
         return out
 
     def _sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        values_N, indices_N, offsets, l0_B = SparseJumpReLU.apply(
-            x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold, self.cfg.jumprelu_bandwidth,
-            select_dtype(self.cfg, x_BD))
-        x_hat = decode(sae.W_dec, values_N, indices_N, offsets) + sae.b_dec
+        *entries, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold,
+                                              self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
+        code = Bags(*entries, sae.d_sae)
+        x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
-        return TrainOutput(x_hat, losses, fired_latents(indices_N, values_N, sae.d_sae), l0_B.detach().mean())
+        return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
 
     def _dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         z_BS = sae.pre_acts(x_BD)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from saex.sae.arch.base import TrainContext
-from saex.sae.code import Code
+from saex.sae.code import Bags
 from saex.sae.kernels import decode
 
 
@@ -18,20 +18,17 @@ def prefix_ends(cfg, d_sae: int, ctx: TrainContext) -> list[int]:
     return sorted({max(1, min(e, d_sae)) for e in ends} | {d_sae})
 
 
-def matryoshka_loss(sae, x_BD: torch.Tensor, code: Code, cfg, ctx: TrainContext) -> torch.Tensor:
+def matryoshka_loss(sae, x_BD: torch.Tensor, code: Bags, cfg, ctx: TrainContext) -> torch.Tensor:
     """Mean over prefixes of the reconstruction error using only the latents before each end.
 
     One decode serves every prefix: the code's entries are regrouped, without padding, into one bag per
     (row, group of latents between two ends), and the prefixes' reconstructions are running sums of the
-    bags'. The
-    smallest prefix gets gradient from every loss, which seed 004 found to matter."""
+    bags'. The smallest prefix gets gradient from every loss, which seed 004 found to matter."""
     ends = torch.tensor(prefix_ends(cfg, sae.d_sae, ctx), device=x_BD.device)
     B, G = x_BD.shape[0], len(ends)
-    group_BK = torch.bucketize(code.indices_BK, ends, right=True)  # the group each kept latent falls in
-    bag_BK = torch.arange(B, device=x_BD.device)[:, None] * G + group_BK  # one bag per (row, group)
-    bag_N, order = bag_BK.flatten().sort()
+    group_N = torch.bucketize(code.indices_N, ends, right=True)  # the group each kept latent falls in
+    bag_N, order = (code.rows() * G + group_N).sort()  # one bag per (row, group)
     offsets = torch.searchsorted(bag_N, torch.arange(B * G + 1, device=x_BD.device))
-    partial_BGD = decode(sae.W_dec, code.values_BK.flatten()[order], code.indices_BK.flatten()[order],
-                         offsets).view(B, G, -1)
+    partial_BGD = decode(sae.W_dec, code.values_N[order], code.indices_N[order], offsets).view(B, G, -1)
     prefix_BGD = partial_BGD.cumsum(1) + sae.b_dec
     return (x_BD[:, None, :] - prefix_BGD).pow(2).sum(-1).mean()

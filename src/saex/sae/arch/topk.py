@@ -6,8 +6,8 @@ import torch
 
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
-from saex.sae.code import Code
-from saex.sae.kernels import sparse_encode
+from saex.sae.code import Bags, Code
+from saex.sae.kernels import decode, sparse_encode
 from saex.sae.kernels.precision import select_dtype
 
 
@@ -21,10 +21,9 @@ class TopK(Architecture):
     def encode(self, sae, x_BD) -> Code:
         return self.select(sae.pre_acts(x_BD), self.cfg.k)
 
-    def kept(self, z_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training selection in top-k form: (activations, indices) of the kept latents."""
-        code = self.select(z_BS, self.cfg.k)
-        return code.values_BK, code.indices_BK
+    def kept(self, z_BS: torch.Tensor) -> Bags:
+        """The training selection: the kept latents' activations, one bag per row."""
+        return self.select(z_BS, self.cfg.k).bags()
 
     def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
         """The sparse kernel serves every step but AuxK on dead latents and Multi-TopK, which need all of z."""
@@ -35,20 +34,19 @@ class TopK(Architecture):
 
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         if self.uses_sparse_kernel(ctx):
-            values, indices = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept,
-                                            select_dtype(self.cfg, x_BD))
-            z_BS, code = None, Code(values, indices, sae.d_sae)
+            z_BS = None
+            code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept, select_dtype(self.cfg, x_BD))
         else:
             z_BS = sae.pre_acts(x_BD)
-            code = Code(*self.kept(z_BS), sae.d_sae)
-        x_hat = sae.decode(code)
+            code = self.kept(z_BS)
+        x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
         losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
                           else sum_sq(x_BD, x_hat))}
         if self.cfg.multi_topk:
             losses["multi_topk"] = sum_sq(x_BD, sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
         if self.auxk_active(ctx):
             losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, z_BS, ctx.dead_S, self.cfg)
-        return TrainOutput(x_hat, losses, code.fired(), code.l0().float().mean())
+        return TrainOutput(x_hat, losses, code.fired(), code.l0().mean())
 
 
 class BatchTopK(TopK):
@@ -60,16 +58,16 @@ class BatchTopK(TopK):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
 
-    def kept(self, z_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top k*B of ReLU(z) over the batch, as rows padded with zeros to the fullest row's count."""
+    def kept(self, z_BS: torch.Tensor) -> Bags:
+        """The top k*B of ReLU(z) over the batch: rows keep different counts, each row one bag."""
         B, S = z_BS.shape
         flat, values = top_n(torch.relu(z_BS).flatten(), min(self.cfg.k * B, B * S))
         if self.training and values.numel():
             m = torch.where(self.threshold > 0, self.cfg.batchtopk_momentum, 1.0)  # the first step sets it
             self.threshold.mul_(1 - m).add_(m * values.min().detach().float())
         flat, order = flat.sort()  # row-major: sorted flat indices come grouped by row
-        indices, values = Code.rows_from_flat(flat, B, S, values[order])
-        return values, indices
+        offsets = torch.searchsorted(flat, torch.arange(B + 1, device=flat.device) * S)
+        return Bags(values[order], flat % S, offsets, S)
 
     def encode(self, sae, x_BD) -> Code:
         z = sae.pre_acts(x_BD)

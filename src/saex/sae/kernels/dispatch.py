@@ -12,17 +12,12 @@ def backend(t: torch.Tensor):
     return triton_ops if triton_ops.usable(t) else torch_ops
 
 
-def bags_of_rows(B: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offsets [B + 1] and row ids [B K] of a [B, K] code read as B bags of K entries."""
-    return (torch.arange(0, B * K + 1, K, device=device),
-            torch.arange(B, device=device).repeat_interleave(K))
-
-
 def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
            offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sums of rows of W, differentiable in W and the values. Either a code in top-k form
     (values and indices [B, K]) -> [B, D], or flat entries [N] in bags: bag m holds the entries
     offsets[m]:offsets[m + 1] (offsets [M + 1], no padding) -> [M, D]."""
     if offsets is None:
-        offsets = bags_of_rows(*indices.shape, indices.device)[0]
+        B, K = indices.shape
+        offsets = torch.arange(0, B * K + 1, K, device=indices.device)
     return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)

@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from saex.sae.kernels.dispatch import backend, bags_of_rows
+from saex.sae.code import Bags, Code
+from saex.sae.kernels.dispatch import backend
 
-Select = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+Select = Callable[[torch.Tensor], Bags]
 
 
 class SparseEncode(torch.autograd.Function):
@@ -26,21 +27,20 @@ class SparseEncode(torch.autograd.Function):
         xc_BD = x_BD - b_dec_D
         # with select_dtype bfloat16 the selecting GEMM is cheaper; the values come from the same product
         z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, select_dtype or xc_BD.dtype)
-        values_BK, indices_BK = select(z_BS)
-        values_BK = values_BK.to(x_BD.dtype)
-        ctx.save_for_backward(xc_BD, W_enc_SD, indices_BK, values_BK)
-        ctx.mark_non_differentiable(indices_BK)
-        return values_BK, indices_BK
+        code = select(z_BS)
+        values_N = code.values_N.to(x_BD.dtype)
+        ctx.save_for_backward(xc_BD, W_enc_SD, code.indices_N, code.rows(), code.offsets, values_N)
+        ctx.mark_non_differentiable(code.indices_N, code.offsets)
+        return values_N, code.indices_N, code.offsets
 
     @staticmethod
     @once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_values_BK, _grad_indices):
-        xc_BD, W_enc_SD, indices_BK, values_BK = ctx.saved_tensors
-        g_BK = grad_values_BK * (values_BK > 0)  # kept latents with z <= 0 output 0 (the ReLU)
-        offsets, rows_N = bags_of_rows(*indices_BK.shape, indices_BK.device)
-        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_BK.reshape(-1), g_BK.reshape(-1),
-                               rows_N, offsets), None, None)
+    def backward(ctx, grad_values_N, _grad_indices, _grad_offsets):
+        xc_BD, W_enc_SD, indices_N, rows_N, offsets, values_N = ctx.saved_tensors
+        g_N = grad_values_N * (values_N > 0)  # kept latents with z <= 0 output 0 (the ReLU)
+        return (*encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_N, g_N, rows_N, offsets),
+                None, None)
 
 
 def encoder_grads(needs, xc_BD, W_enc_SD, indices_N, g_N, rows_N, offsets):
@@ -79,21 +79,23 @@ def _augmented_gemm(x_BD, W_SD, b_S, dtype):
     return x_aug @ W_aug.T
 
 
-def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None = None):
-    """(values [B, K], indices [B, K]) of `select(z)`, with a backward that touches only the kept latents."""
+def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None = None) -> Bags:
+    """The code `select(z)` keeps, with a backward that touches only the kept latents. `select` returns
+    the kept latents' activations (z where positive, else 0) as bags, one per row."""
     if W_enc_SD.stride(-1) != 1:
         raise ValueError(f"sparse_encode needs the encoder latent-major with contiguous rows ([d_sae, d_in]); "
                          f"got strides {W_enc_SD.stride()} for shape {tuple(W_enc_SD.shape)}")
-    return SparseEncode.apply(x_BD, W_enc_SD, b_enc_S, b_dec_D, select, select_dtype)
+    return Bags(*SparseEncode.apply(x_BD, W_enc_SD, b_enc_S, b_dec_D, select, select_dtype), W_enc_SD.shape[0])
 
 
 def select_topk(k: int) -> Select:
     def select(z_BS):
         values, indices = z_BS.topk(k, dim=-1, sorted=False)
-        return torch.relu(values), indices
+        return Code(torch.relu(values), indices, z_BS.shape[-1]).bags()
     return select
 
 
 def topk_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
     """(values [B, k], indices [B, k]) of TopK(ReLU(pre-activations)), with a sparse backward."""
-    return sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select_topk(k), select_dtype)
+    code = sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select_topk(k), select_dtype)
+    return code.values_N.view(-1, k), code.indices_N.view(-1, k)
