@@ -1,5 +1,9 @@
 """The Triton kernels against the torch path (on a GPU when there is one, else in Triton's interpreter)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -90,3 +94,38 @@ def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra)
         grads.append({n: p.grad.float() for n, p in sae.named_parameters() if p.grad is not None})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], rtol=1e-3, atol=1e-5), name
+
+
+def compile_for_hopper(values: str) -> None:
+    """Compile each kernel for sm_90 as the launchers call it (no GPU needed; not under the interpreter)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from saex.sae.kernels import triton_kernels as kernels
+
+    signatures = {
+        kernels.gather_sum_kernel: ({"W": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32",
+                                     "D": "i32", "stride_w": "i32"}, triton_ops.BLOCK_E_GATHER),
+        kernels.gather_dot_kernel: ({"G": "*fp32", "W": "*fp32", "I": "*i64", "R": "*i64", "Out": f"*{values}",
+                                     "N": "i32", "D": "i32", "stride_w": "i32"}, triton_ops.BLOCK_E_GATHER),
+        kernels.scatter_rows_kernel: ({"X": "*fp32", "V": f"*{values}", "R": "*i64", "Starts": "*i64",
+                                       "Out": "*fp32", "D": "i32"}, triton_ops.BLOCK_E_SCATTER),
+    }
+    for kernel, (signature, block_e) in signatures.items():
+        constants = {"ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_D": triton_ops.BLOCK_D}
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+        assert "ld.global" in compiled.asm["ptx"], kernel
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
+@pytest.mark.parametrize("values", ["fp32", "bf16"])
+def test_kernels_compile_for_an_h100(values):
+    """The interpreter tolerates what the compiler may reject; Triton compiles for sm_90 without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", f"from tests.sae.test_triton_kernels import compile_for_hopper; "
+                           f"compile_for_hopper({values!r})"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
