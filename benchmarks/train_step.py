@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -83,12 +84,20 @@ def saex_rows(d, S, B, k, x, device):
         "relu": dict(architecture="relu"),
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
+    environments = {name: {} for name in variants}
+    if device.type == "cuda":  # the opt-in radix-select top-k kernel, to be timed against torch.topk
+        variants["topk (triton selection)"] = dict(architecture="topk")
+        environments["topk (triton selection)"] = {"SAEX_TOPK": "triton"}
     ctx = TrainContext(sparsity_coefficient=1.0)
     for name, kw in variants.items():
-        def make(kw=kw):
+        def make(kw=kw, env=environments[name]):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
             sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
-            return _adam_step(lambda: sae.train_forward(x, ctx).loss, None, make_adam(sae.parameters(), 1e-4))
+
+            def forward():
+                with mock.patch.dict(os.environ, env):
+                    return sae.train_forward(x, ctx).loss
+            return _adam_step(forward, None, make_adam(sae.parameters(), 1e-4))
         yield "saex", name, make
 
 

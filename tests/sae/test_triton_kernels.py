@@ -113,6 +113,9 @@ def compile_for_hopper(values: str) -> None:
         kernels.scatter_rows_kernel: ({"X": "*fp32", "V": f"*{values}", "R": "*i64", "Starts": "*i64",
                                        "Out": "*fp32", "D": "i32"}, triton_ops.BLOCK_E_SCATTER),
     }
+    topk = ASTSource(kernels.topk_rows_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32", "K": "i32",
+                                                "BLOCK": "constexpr"}, {"BLOCK": triton_ops.BLOCK_TOPK})
+    assert "ld.global" in triton.compile(topk, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     for kernel, (signature, block_e) in signatures.items():
         constants = {"ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_D": triton_ops.BLOCK_D}
         signature = {**signature, **{name: "constexpr" for name in constants}}
@@ -129,3 +132,18 @@ def test_kernels_compile_for_an_h100(values):
     done = subprocess.run([sys.executable, "-c", f"from tests.sae.test_triton_kernels import compile_for_hopper; "
                            f"compile_for_hopper({values!r})"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("B, S, k", [(3, 300, 7), (4, 5000, 32), (2, 64, 64)])
+def test_radix_topk_selects_what_torch_topk_selects(B, S, k):
+    g = torch.Generator().manual_seed(S)
+    z = torch.randn(B, S, generator=g).bfloat16().to(DEVICE)
+    z[0, : S // 4] = 1.0  # many ties at a value inside the top k
+    z[-1] = -z[-1].abs()  # a row without a positive value
+    values, indices = triton_ops.topk_rows(z, k)
+    expected = z.topk(k, dim=-1).values
+    assert torch.equal(values.float().sort(-1).values, expected.float().sort(-1).values)
+    assert torch.equal(z.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())
+    with pytest.raises(ValueError, match="k 65 must be between 1 and the row length 64"):
+        triton_ops.topk_rows(z[:, :64], 65)

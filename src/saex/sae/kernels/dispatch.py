@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from saex.sae.kernels import torch_ops, triton_ops
@@ -21,3 +23,13 @@ def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
         B, K = indices.shape
         offsets = torch.arange(0, B * K + 1, K, device=indices.device)
     return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)
+
+
+def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k largest, unordered. SAEX_TOPK=triton selects bfloat16 rows on
+    CUDA with saex's radix-select kernel instead of torch.topk: written and checked for correctness
+    without a GPU, it stays opt-in until benchmarks/gpu_session.sh has timed it against torch.topk."""
+    if (os.environ.get("SAEX_TOPK") == "triton" and z_BS.dtype == torch.bfloat16 and z_BS.dim() == 2
+            and triton_ops.usable(z_BS)):
+        return triton_ops.topk_rows(z_BS, k)
+    return z_BS.topk(k, dim=-1, sorted=False)

@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from saex.sae.code import Bags, Code
-from saex.sae.kernels.dispatch import backend
+from saex.sae.kernels.dispatch import backend, topk_rows
 
 Select = Callable[[torch.Tensor], Bags]
 
@@ -90,7 +90,7 @@ def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype
 
 def select_topk(k: int) -> Select:
     def select(z_BS):
-        values, indices = z_BS.topk(k, dim=-1, sorted=False)
+        values, indices = topk_rows(z_BS, k)
         return Code(torch.relu(values), indices, z_BS.shape[-1]).bags()
     return select
 

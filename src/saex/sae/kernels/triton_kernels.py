@@ -69,3 +69,54 @@ def scatter_rows_kernel(X, V, R, Starts, Out, D,
                     other=0.0).to(ACC)
         acc += x * v[:, None]
     tl.store(Out + s * D + offs_d, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _order_key(z):
+    """bfloat16 -> int32 in [0, 65535] with the floats' order (negative values' bits flipped)."""
+    b = z.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where((b & 0x8000) != 0, 0xFFFF - b, b | 0x8000)
+
+
+@triton.jit
+def topk_rows_kernel(Z, OutV, OutI, S, K, BLOCK: tl.constexpr):
+    """The K largest of each bfloat16 row of Z [B, S]: a radix select on 16-bit order keys (one
+    histogram pass per byte), then one compaction pass; ties at the threshold go in index order.
+    Histograms have 512 bins: real keys land in 256 + byte, lanes out of the row or the digit in bin 0."""
+    row = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, 512)
+    hist = tl.zeros([512], dtype=tl.int32)
+    for s0 in range(0, S, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        valid = offs < S
+        key = _order_key(tl.load(Z + row * S + offs, mask=valid, other=0.0))
+        hist += tl.histogram(tl.where(valid, (key >> 8) + 256, 0), 512)
+    cum = tl.cumsum(hist, 0, reverse=True)  # cum[b]: keys in bins >= b
+    hi = tl.sum(((cum >= K) & (bins >= 256)).to(tl.int32)) - 1
+    above = tl.sum(tl.where(bins == hi + 256, cum - hist, 0))  # keys whose high byte exceeds hi
+    need = K - above
+    hist = tl.zeros([512], dtype=tl.int32)
+    for s0 in range(0, S, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        valid = offs < S
+        key = _order_key(tl.load(Z + row * S + offs, mask=valid, other=0.0))
+        hist += tl.histogram(tl.where(valid & ((key >> 8) == hi), (key & 255) + 256, 0), 512)
+    cum = tl.cumsum(hist, 0, reverse=True)
+    lo = tl.sum(((cum >= need) & (bins >= 256)).to(tl.int32)) - 1
+    threshold = hi * 256 + lo
+    ties = need - tl.sum(tl.where(bins == lo + 256, cum - hist, 0))  # keys equal to the threshold to take
+    written = 0
+    tied = 0
+    for s0 in range(0, S, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        valid = offs < S
+        z = tl.load(Z + row * S + offs, mask=valid, other=0.0)
+        key = _order_key(z)
+        equal = valid & (key == threshold)
+        tie_rank = tl.cumsum(equal.to(tl.int32), 0) - 1 + tied
+        keep = (valid & (key > threshold)) | (equal & (tie_rank < ties))
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1 + written
+        tl.store(OutI + row * K + pos, offs.to(tl.int64), mask=keep)
+        tl.store(OutV + row * K + pos, z, mask=keep)
+        written += tl.sum(keep.to(tl.int32))
+        tied += tl.sum(equal.to(tl.int32))

@@ -25,6 +25,7 @@ AVAILABLE = K is not None
 BLOCK_D = 256
 BLOCK_E_GATHER = 32
 BLOCK_E_SCATTER = 4
+BLOCK_TOPK = 2048
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -80,6 +81,18 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> torch.Tensor:
             X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, D,
             ACC=_acc(X_BD, values_N), BLOCK_E=BLOCK_E_SCATTER, BLOCK_D=BLOCK_D)
     return out
+
+
+def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [B, k] of each bfloat16 row's k largest, by a radix select (unordered)."""
+    B, S = z_BS.shape
+    if not 1 <= k <= S:
+        raise ValueError(f"topk_rows: k {k} must be between 1 and the row length {S}")
+    values = torch.empty(B, k, dtype=z_BS.dtype, device=z_BS.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=z_BS.device)
+    with _on(z_BS):
+        K.topk_rows_kernel[(B,)](z_BS.contiguous(), values, indices, S, k, BLOCK=BLOCK_TOPK)
+    return values, indices
 
 
 class Decode(torch.autograd.Function):
