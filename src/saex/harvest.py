@@ -161,7 +161,7 @@ def harvest(cfg: HarvestConfig) -> dict:
         _Ordered(dataset, order, cfg.strict),
         batch_sampler=[range(b, min(b + cfg.batch_size, n)) for b in range(start, n, cfg.batch_size)],
         collate_fn=partial(_collate, partial(adapter.prepare, context_size=cfg.context_size)),
-        num_workers=workers)
+        num_workers=workers, pin_memory=adapter.device.type == "cuda")
     bar = progress(n, f"harvest {Path(cfg.model).name}", "ex", initial=start)
     t0, tokens_seen, rows = time.perf_counter(), 0, 0
     for good, skipped, batch in batches:

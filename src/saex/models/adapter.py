@@ -31,6 +31,12 @@ class Batch:
     special_BT: torch.Tensor | None = None  # text: 1 for [CLS], [SEP], BOS...
     token_ids_BT: torch.Tensor | None = None
 
+    def pin_memory(self) -> "Batch":
+        """Model inputs in page-locked memory (the DataLoader calls this with pin_memory=True), so that
+        their copy to the GPU can overlap the previous batch's forward."""
+        return Batch({k: v.pin_memory() for k, v in self.inputs.items()}, self.attention_BT, self.special_BT,
+                     self.token_ids_BT)
+
 
 class ModelAdapter:
     def __init__(self, model: nn.Module, processor, name: str, device: str | torch.device = "cpu",
@@ -112,7 +118,8 @@ class ModelAdapter:
         for k, v in batch.inputs.items():
             if k == "pixel_values" and v.dtype == torch.uint8:
                 v = self._finish(v.to(self.device, non_blocking=True))
-            inputs[k] = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            inputs[k] = (v.to(self.device, self.dtype, non_blocking=True) if v.is_floating_point()
+                         else v.to(self.device, non_blocking=True))
         return Batch(inputs, batch.attention_BT, batch.special_BT, batch.token_ids_BT)
 
     def select(self, batch: Batch, n_tokens: int, tokens: str) -> torch.Tensor:
