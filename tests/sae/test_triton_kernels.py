@@ -105,18 +105,15 @@ def compile_for_hopper(values: str) -> None:
 
     from saex.sae.kernels import triton_kernels as kernels
 
-    signatures = {
-        kernels.gather_sum_kernel: ({"W": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32",
-                                     "D": "i32", "stride_w": "i32"}, triton_ops.BLOCK_E_GATHER),
-        kernels.gather_dot_kernel: ({"G": "*fp32", "W": "*fp32", "I": "*i64", "R": "*i64", "Out": f"*{values}",
+    segment = {"Src": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32", "D": "i32",
+               "stride_src": "i32"}
+    signatures = [  # the gather and the scatter both run the segment sum, with their own entry blocks
+        (kernels.segment_sum_kernel, segment, triton_ops.BLOCK_E_GATHER),
+        (kernels.segment_sum_kernel, segment, triton_ops.BLOCK_E_SCATTER),
+        (kernels.gather_dot_kernel, {"G": "*fp32", "W": "*fp32", "I": "*i64", "R": "*i64", "Out": f"*{values}",
                                      "N": "i32", "D": "i32", "stride_w": "i32"}, triton_ops.BLOCK_E_GATHER),
-        kernels.scatter_rows_kernel: ({"X": "*fp32", "V": f"*{values}", "R": "*i64", "Starts": "*i64",
-                                       "Out": "*fp32", "D": "i32"}, triton_ops.BLOCK_E_SCATTER),
-    }
-    topk = ASTSource(kernels.topk_rows_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32", "K": "i32",
-                                                "BLOCK": "constexpr"}, {"BLOCK": triton_ops.BLOCK_TOPK})
-    assert "ld.global" in triton.compile(topk, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    for kernel, (signature, block_e) in signatures.items():
+    ]
+    for kernel, signature, block_e in signatures:
         constants = {"ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_D": triton_ops.BLOCK_D}
         signature = {**signature, **{name: "constexpr" for name in constants}}
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))

@@ -49,7 +49,7 @@ def gather_sum(W_SD, values_N, indices_N, offsets, out_dtype=None) -> torch.Tens
     M, D = offsets.numel() - 1, W_SD.shape[1]
     out = torch.empty(M, D, dtype=out_dtype or W_SD.dtype, device=W_SD.device)
     with _on(W_SD):
-        K.gather_sum_kernel[(M, triton.cdiv(D, BLOCK_D))](
+        K.segment_sum_kernel[(M, triton.cdiv(D, BLOCK_D))](
             W_SD, values_N.contiguous(), indices_N.contiguous(), offsets.contiguous(), out, D, W_SD.stride(0),
             ACC=_acc(W_SD, values_N), BLOCK_E=BLOCK_E_GATHER, BLOCK_D=BLOCK_D)
     return out
@@ -77,8 +77,8 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> torch.Tensor:
     starts = torch.searchsorted(keys, torch.arange(S + 1, device=keys.device, dtype=keys.dtype))
     out = torch.empty(S, D, dtype=torch.promote_types(X_BD.dtype, torch.float32), device=X_BD.device)
     with _on(X_BD):
-        K.scatter_rows_kernel[(S, triton.cdiv(D, BLOCK_D))](
-            X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, D,
+        K.segment_sum_kernel[(S, triton.cdiv(D, BLOCK_D))](
+            X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, D, D,
             ACC=_acc(X_BD, values_N), BLOCK_E=BLOCK_E_SCATTER, BLOCK_D=BLOCK_D)
     return out
 
