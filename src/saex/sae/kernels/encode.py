@@ -1,7 +1,7 @@
 """The encoder with a sparse backward, for every architecture that keeps a selection of z.
 
 Forward: z = (x - b_dec) W_enc + b_enc (one GEMM, optionally in bfloat16), then the architecture's
-selection, which returns the kept latents' activations (z where positive, else 0) in top-k form.
+selection, which returns the kept latents' activations (z where positive, else 0) as bags of entries.
 Backward touches only the kept latents: the encoder weight gradient is `scatter_rows` of the centred
 inputs and the input gradient a `decode` through the encoder, instead of two dense [B, S] x [S, D]
 GEMMs through a mostly-zero [B, S] gradient. The encoder comes latent-major, W_enc_SD = W_enc^T, as
