@@ -8,7 +8,7 @@ from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Bags, Code
 from saex.sae.kernels import decode, sparse_encode
-from saex.sae.kernels.encode import select_topk
+from saex.sae.kernels.dispatch import topk_rows
 from saex.sae.kernels.precision import select_dtype
 
 
@@ -16,7 +16,7 @@ class TopK(Architecture):
     saelens_name = "topk"
 
     def select(self, z_BS: torch.Tensor, k: int) -> Code:
-        values, indices = z_BS.topk(k, dim=-1, sorted=False)
+        values, indices = topk_rows(z_BS, k)
         return Code(torch.relu(values), indices, z_BS.shape[-1])
 
     def encode(self, sae, x_BD) -> Code:
@@ -24,7 +24,7 @@ class TopK(Architecture):
 
     def kept(self, z_BS: torch.Tensor) -> Bags:
         """The training selection: the kept latents' activations, one bag per row."""
-        return select_topk(self.cfg.k)(z_BS)
+        return self.select(z_BS, self.cfg.k).bags()
 
     def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
         """The sparse kernel serves every step but AuxK on dead latents and Multi-TopK, which need all of z."""
