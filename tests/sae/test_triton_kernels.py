@@ -144,3 +144,28 @@ def test_radix_topk_selects_what_torch_topk_selects(B, S, k):
     assert all(len(set(row)) == k for row in indices.tolist())
     with pytest.raises(ValueError, match="k 65 must be between 1 and the row length 64"):
         triton_ops.topk_rows(z[:, :64], 65)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test above covers this on a GPU")
+@pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {"jumprelu_bandwidth": 0.5}),
+                                         ("topk", {"matryoshka": "fixed"})])
+def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch, arch, extra):
+    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows) routed through the Triton
+    launchers, run by the interpreter on CPU tensors, against the torch path."""
+    from saex.sae import SAE, SAEConfig
+    from saex.sae.arch import TrainContext
+
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4, architecture=arch, select_precision="float32", **extra)
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for through_triton in (True, False):
+        monkeypatch.setattr(triton_ops, "usable", lambda t, on=through_triton: on)
+        torch.manual_seed(1)
+        sae = SAE(cfg)
+        sae.arch.init_from_data(sae, x)
+        out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1))
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-5), name
