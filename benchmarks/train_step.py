@@ -6,7 +6,8 @@ timed in rounds (every row takes a few steps per round), so that the machine's d
     .venv/bin/python benchmarks/train_step.py --shape h100  # d 1,024, 65,536 latents, batch 4,096, k 32
 
 Needs the bench extra (pip install 'saex[bench]': sparsify and SAELens); a library that is missing
-is left out of the table. Every row steps with Adam."""
+is left out of the table. Every row steps with Adam. On a GPU, saex's rows run under bf16 autocast as
+its trainer does, sparsify autocasts its own forward, and SAELens runs in its default float32."""
 
 from __future__ import annotations
 
@@ -94,8 +95,9 @@ def saex_rows(d, S, B, k, x, device):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
             sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
 
-            def forward():
-                with mock.patch.dict(os.environ, env):
+            def forward():  # under bf16 autocast on a GPU, as saex's trainer steps (sparsify autocasts itself)
+                with mock.patch.dict(os.environ, env), torch.autocast("cuda", torch.bfloat16,
+                                                                      enabled=device.type == "cuda"):
                     return sae.train_forward(x, ctx).loss
             return _adam_step(forward, None, make_adam(sae.parameters(), 1e-4))
         yield "saex", name, make
