@@ -172,3 +172,37 @@ def test_float32_selection_holds_under_an_enclosing_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = topk_encode(x, W, b_enc, b_dec, 4)
     assert torch.equal(plain[0], inside[0]) and torch.equal(plain[1], inside[1])
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])
+def test_low_precision_candidates_give_the_exact_jumprelu_selection(scale):
+    from saex.sae.arch.jumprelu import kept_entries
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 48, generator=g) * scale
+    W = torch.randn(500, 48, generator=g) * 0.2
+    b = torch.randn(500, generator=g) * 0.1
+    z = x @ W.T + b
+    lower = torch.quantile(z, 0.9, dim=0)  # a tenth of each latent's values pass: many sit near the line
+    exact = kept_entries(x, W, b, lower, None)
+    fast = kept_entries(x, W, b, lower, torch.bfloat16)
+    assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1])
+    assert torch.allclose(fast[2], exact[2], rtol=1e-5, atol=1e-5 * scale)
+    assert torch.equal(exact[1], (z > lower).nonzero()[:, 1])
+
+
+def test_jumprelu_bfloat16_selection_gives_the_float32_gradients():
+    torch.manual_seed(0)
+    kw = dict(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_bandwidth=0.5)
+    ref = SAE(SAEConfig(encoder_kernel="dense", select_precision="float32", **kw))
+    fast = SAE(SAEConfig(encoder_kernel="sparse", select_precision="bfloat16", **kw))
+    with torch.no_grad():
+        ref.arch.threshold.uniform_(0.1, 0.6)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(32, 16)
+    outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (ref, fast)]
+    for o in outs:
+        o.loss.backward()
+    assert torch.allclose(outs[0].loss, outs[1].loss, atol=1e-5)
+    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec", "arch.threshold"):
+        assert torch.allclose(*(s.get_parameter(name).grad for s in (ref, fast)), atol=1e-5), name

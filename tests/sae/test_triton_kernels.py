@@ -42,6 +42,11 @@ def test_gather_dot_matches_a_gathered_product():
     assert torch.allclose(triton_ops.gather_dot(G, W, idx, rows), (W[idx] * G[rows]).sum(-1), atol=1e-4)
 
 
+def test_entry_dots_match_the_torch_path():
+    W, _, idx, offsets, _, G = _case()
+    assert torch.allclose(triton_ops.entry_dots(G, W, idx, offsets), torch_ops.entry_dots(G, W, idx, offsets), atol=1e-4)
+
+
 def test_scatter_rows_matches_the_torch_path_and_zeroes_unselected_latents():
     W, val, idx, _, rows, G = _case()
     out = triton_ops.scatter_rows(G, val, idx, rows, W.shape[0])

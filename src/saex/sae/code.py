@@ -50,9 +50,7 @@ class Bags:
 
     def rows(self) -> torch.Tensor:
         """[N]: the row of each entry."""
-        B = self.offsets.numel() - 1
-        return torch.arange(B, device=self.offsets.device).repeat_interleave(self.offsets.diff(),
-                                                                              output_size=self.indices_N.numel())
+        return bag_rows(self.offsets, self.indices_N.numel())
 
     def l0(self) -> torch.Tensor:
         """Active latents per row (float32)."""
@@ -62,6 +60,11 @@ class Bags:
     def fired(self) -> torch.Tensor:
         """bool [d_sae]: which latents are active in some row."""
         return fired_latents(self.indices_N, self.values_N, self.d_sae)
+
+
+def bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """[n]: the bag of each of n entries grouped by offsets [M + 1] (no host sync)."""
+    return torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(offsets.diff(), output_size=n)
 
 
 def fired_latents(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:

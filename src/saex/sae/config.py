@@ -50,9 +50,9 @@ class SAEConfig:
     encoder_kernel: Literal["sparse", "dense"] = "sparse"
     """TopK, BatchTopK, JumpReLU: encode with the sparse kernels (saex.sae.kernels) or plain autograd (the reference)."""
     select_precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Sparse kernels: precision of the GEMM that selects the kept latents (auto: bfloat16 for TopK and BatchTopK
-    where the GPU or CPU multiplies it natively, float32 for JumpReLU; bfloat16 is faster, and the kept values
-    carry its rounding)."""
+    """Sparse kernels: precision of the GEMM that selects the kept latents (auto: bfloat16 where the GPU or CPU
+    multiplies it natively; faster; TopK's and BatchTopK's kept values carry its rounding, JumpReLU decides
+    exactly from its candidates)."""
     decoder_init_norm: float = 0.0
     """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
 

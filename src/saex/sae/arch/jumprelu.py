@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
 from saex.sae.code import Bags, Code
 from saex.sae.kernels import decode
+from saex.sae.kernels import backend
 from saex.sae.kernels.encode import biased_gemm, encoder_grads
 from saex.sae.kernels.precision import select_dtype
 
@@ -66,15 +67,12 @@ class SparseJumpReLU(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x_BD, W_enc_SD, b_enc_S, b_dec_D, theta_S, eps: float, select_dtype):
         xc_BD = x_BD - b_dec_D
-        z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, select_dtype or xc_BD.dtype)
-        B, S = z_BS.shape
+        B = xc_BD.shape[0]
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
-        flat = (z_BS > (theta_S - eps / 2).to(z_BS.dtype)).flatten().nonzero().squeeze(1)  # row-major order
-        rows_N, indices_N = flat // S, flat % S
-        z_N = z_BS.flatten()[flat].to(x_BD.dtype)
+        rows_N, indices_N, z_N = kept_entries(xc_BD, W_enc_SD, b_enc_S, theta_S - eps / 2, select_dtype)
         fires_N = z_N > theta_S[indices_N]
-        offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=flat.device))
-        l0_B = torch.zeros(B, dtype=torch.float32, device=flat.device).index_add_(0, rows_N, fires_N.float())
+        offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=rows_N.device))
+        l0_B = torch.zeros(B, dtype=torch.float32, device=rows_N.device).index_add_(0, rows_N, fires_N.float())
         ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N)
         ctx.eps = eps
         ctx.mark_non_differentiable(indices_N, offsets)
@@ -93,6 +91,31 @@ class SparseJumpReLU(torch.autograd.Function):
         grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_N, grad_values_N * fires_N,
                               rows_N, offsets)
         return (*grads, grad_theta, None, None)
+
+
+def kept_entries(xc_BD, W_enc_SD, b_enc_S, lower_S, select_dtype):
+    """(rows, latents, exact z) of the entries with z = xc W_enc + b_enc > lower, in row-major order.
+
+    With a low-precision select_dtype the GEMM only proposes candidates: an entry passes if its rounded
+    z could exceed `lower` given a bound on the rounding error, and then its z is computed exactly
+    (a dot product per candidate) and tested again. The result equals the full-precision selection;
+    only the GEMM is cheaper. The bound: inputs and weights rounded to 2^-8 relative (bfloat16 keeps 8
+    significant bits), so |error| <= 2^-7 |x| |w| + 2^-8 |b| + 2^-8 |z| by Cauchy-Schwarz, taken with
+    the row's |x| and the largest |w| and |b| and doubled for the comparison's own rounding."""
+    dtype = select_dtype or xc_BD.dtype
+    z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, dtype)
+    S = z_BS.shape[1]
+    if dtype == xc_BD.dtype:
+        flat = (z_BS > lower_S.to(dtype)).flatten().nonzero().squeeze(1)
+        return flat // S, flat % S, z_BS.flatten()[flat]
+    slack_B = 2 * (2**-7 * xc_BD.norm(dim=1) * W_enc_SD.norm(dim=1).max() + 2**-8 * b_enc_S.abs().max())
+    bound_S = lower_S - 2**-6 * lower_S.abs()  # the |z| term, with z near the lower bound
+    candidates = (z_BS + slack_B[:, None].to(dtype) > bound_S.to(dtype)).flatten().nonzero().squeeze(1)
+    rows_N, indices_N = candidates // S, candidates % S
+    offsets = torch.searchsorted(rows_N, torch.arange(xc_BD.shape[0] + 1, device=rows_N.device))
+    z_N = backend(W_enc_SD).entry_dots(xc_BD, W_enc_SD, indices_N, offsets) + b_enc_S[indices_N]
+    keep = z_N > lower_S[indices_N]
+    return rows_N[keep], indices_N[keep], z_N[keep]
 
 
 class JumpReLU(Architecture):

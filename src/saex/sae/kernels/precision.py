@@ -6,11 +6,11 @@ import torch
 
 
 def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
-    """The precision of the selecting GEMM. "auto": bfloat16 for the rank-based selections (TopK, BatchTopK)
-    where the hardware multiplies it natively, float32 for JumpReLU, whose thresholds compare against
-    values and learn from a narrow window around them (on a toy run, bfloat16 moved its final FVU by
-    1.7 %; float32 on the sparse kernel matched the dense reference to 5e-7)."""
-    if cfg.select_precision == "float32" or (cfg.select_precision == "auto" and cfg.architecture == "jumprelu"):
+    """The precision of the selecting GEMM. "auto": bfloat16 where the hardware multiplies it natively
+    (CUDA, CPUs with AVX512-BF16 or AMX). TopK and BatchTopK then rank bfloat16 pre-activations (their
+    kept values carry its rounding; a toy run's FVU stayed within 1 % of the float32 reference);
+    JumpReLU only takes candidates from it and decides exactly (saex.sae.arch.jumprelu.kept_entries)."""
+    if cfg.select_precision == "float32":
         return None
     if cfg.select_precision == "bfloat16":
         return torch.bfloat16

@@ -12,6 +12,8 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from saex.sae.code import bag_rows
+
 try:
     import triton
 
@@ -95,6 +97,11 @@ def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, indices
 
 
+def entry_dots(G_MD, W_SD, indices_N, offsets) -> torch.Tensor:
+    """<G[m], W[indices[e]]> for each entry e of bag m  -> [N]."""
+    return gather_dot(G_MD, W_SD, indices_N, bag_rows(offsets, indices_N.numel()))
+
+
 class Decode(torch.autograd.Function):
     """The decoder on the Triton kernels: forward gather_sum; backward gather_dot and scatter_rows."""
 
@@ -109,8 +116,7 @@ class Decode(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_MD):
         W_SD, values_N, indices_N, offsets = ctx.saved_tensors
-        rows_N = torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(
-            offsets.diff(), output_size=indices_N.numel())
+        rows_N = bag_rows(offsets, indices_N.numel())
         grad_W = scatter_rows(grad_MD, values_N, indices_N, rows_N, W_SD.shape[0]).to(W_SD.dtype) \
             if ctx.needs_input_grad[0] else None
         grad_v = gather_dot(grad_MD, W_SD, indices_N, rows_N, values_N.dtype) if ctx.needs_input_grad[1] else None
