@@ -153,6 +153,7 @@ def test_radix_topk_selects_what_torch_topk_selects(B, S, k):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test above covers this on a GPU")
 @pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {"jumprelu_bandwidth": 0.5}),
+                                         ("jumprelu", {"jumprelu_bandwidth": 0.5, "select_precision": "bfloat16"}),
                                          ("topk", {"matryoshka": "fixed"})])
 def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch, arch, extra):
     """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows) routed through the Triton
@@ -160,7 +161,7 @@ def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
 
-    cfg = SAEConfig(d_in=16, d_sae=64, k=4, architecture=arch, select_precision="float32", **extra)
+    cfg = SAEConfig(d_in=16, d_sae=64, k=4, architecture=arch, **{"select_precision": "float32", **extra})
     x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
     grads = []
     for through_triton in (True, False):
