@@ -91,6 +91,12 @@ def test_batchtopk_keeps_the_batch_top_k_times_b():
     assert torch.equal(dense.flatten(), expected)
 
 
+def test_batchtopk_of_an_empty_batch_keeps_nothing():
+    sae = SAE(SAEConfig(d_in=8, d_sae=40, k=3, architecture="batchtopk"))
+    code = sae.arch.kept(torch.zeros(0, 40))
+    assert code.values_N.numel() == 0 and code.offsets.tolist() == [0]
+
+
 def test_bfloat16_selection_picks_nearly_the_same_latents():
     x, W, b_enc, b_dec = (t.detach().float() for t in _inputs(B=64, d=32, S=256))
     exact = topk_encode(x, W, b_enc, b_dec, 8)[1]
@@ -147,7 +153,7 @@ def test_batch_top_n_equals_a_full_top_k(case):
     from saex.sae.arch.topk import top_n
 
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(64, 610, generator=g)
+    z = torch.randn(64, 611, generator=g)  # 64 x 611 entries: top_n samples every 61st
     if case == "skewed rows":
         z *= torch.linspace(0.1, 5, 64)[:, None]
     elif case == "few positives":
@@ -156,6 +162,7 @@ def test_batch_top_n_equals_a_full_top_k(case):
         z = z.exp() ** 3
     f = z.relu().flatten()
     if case == "misleading sample":  # the strided sample sees only large values: the full top-k must take over
+        assert f.numel() % 61
         f = f.abs() + 0.01
         f[::61] += 100
     n = 64 * 8
@@ -174,21 +181,36 @@ def test_float32_selection_holds_under_an_enclosing_autocast():
     assert torch.equal(plain[0], inside[0]) and torch.equal(plain[1], inside[1])
 
 
-@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])
-def test_low_precision_candidates_give_the_exact_jumprelu_selection(scale):
+@pytest.mark.parametrize("case", ["small inputs", "unit inputs", "large inputs", "an outlier latent",
+                                  "large biases", "some negative thresholds", "most entries pass"])
+def test_low_precision_candidates_give_the_exact_jumprelu_selection(case, monkeypatch):
     from saex.sae.arch.jumprelu import kept_entries
 
     g = torch.Generator().manual_seed(2)
+    scale = {"small inputs": 0.1, "large inputs": 30.0}.get(case, 1.0)
     x = torch.randn(64, 48, generator=g) * scale
     W = torch.randn(500, 48, generator=g) * 0.2
-    b = torch.randn(500, generator=g) * 0.1
-    z = x @ W.T + b
-    lower = torch.quantile(z, 0.9, dim=0)  # a tenth of each latent's values pass: many sit near the line
-    exact = kept_entries(x, W, b, lower, None)
-    fast = kept_entries(x, W, b, lower, torch.bfloat16)
-    assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1])
-    assert torch.allclose(fast[2], exact[2], rtol=1e-5, atol=1e-5 * scale)
-    assert torch.equal(exact[1], (z > lower).nonzero()[:, 1])
+    b = torch.randn(500, generator=g) * (30.0 if case == "large biases" else 0.1)
+    if case == "an outlier latent":
+        W[7] *= 20
+    z64 = x.double() @ W.double().T + b.double()
+    lower = torch.quantile(z64, 0.97, dim=0).float()  # 3 % of each latent's values pass (L0 15): many sit near it
+    if case == "some negative thresholds":
+        lower[:50] = -0.01
+    if case == "most entries pass":  # too many candidates: the full-precision GEMM decides instead
+        lower = -lower.abs()
+    candidates = []
+    real = torch_ops.entry_dots
+    monkeypatch.setattr(torch_ops, "entry_dots", lambda *a: candidates.append(a[2].numel()) or real(*a))
+    rows, latents, values = kept_entries(x, W, b, lower, torch.bfloat16)
+    assert bool(candidates) == (case != "most entries pass")
+    got = set(zip(rows.tolist(), latents.tolist()))
+    want = set(map(tuple, (z64 > lower.double()).nonzero().tolist()))
+    near = (z64 - lower.double()).abs() <= 1e-5 * z64.abs().max()  # float32 rounding at the line may go either way
+    assert all(near[r, s] for r, s in got ^ want), len(got ^ want)
+    assert torch.allclose(values.double(), z64[rows, latents], rtol=1e-5, atol=1e-5 * float(z64.abs().max()))
+    if candidates:
+        assert candidates[0] <= 3 * len(want), (candidates[0], len(want))  # the bound stays tight per latent
 
 
 def test_jumprelu_bfloat16_selection_gives_the_float32_gradients():

@@ -123,6 +123,9 @@ def compile_for_hopper(values: str) -> None:
         signature = {**signature, **{name: "constexpr" for name in constants}}
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
         assert "ld.global" in compiled.asm["ptx"], kernel
+    topk = ASTSource(kernels.topk_rows_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32", "K": "i32",
+                                                "BLOCK": "constexpr"}, {"BLOCK": triton_ops.BLOCK_TOPK})
+    assert "ld.global" in triton.compile(topk, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")

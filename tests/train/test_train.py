@@ -59,7 +59,7 @@ def test_sweep_members_equal_solo_runs(toy_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path):
+def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path, capsys):
     run, _ = toy_run
     args = ["train", "--run", str(run), "--architecture", "topk", "--matryoshka", "random", "--k", "4",
             "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20",
@@ -80,6 +80,15 @@ def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path):
     proc = subprocess.run([sys.executable, "-c", crash, *args, "--name", "killed"], capture_output=True)
     assert proc.returncode == -9
     assert list((run / "checkpoints").glob("train-*.pt")), "a checkpoint must survive the kill"
+    # a checkpoint of an older format (before the latent-major encoder) is refused by name, not half-loaded
+    checkpoint = next((run / "checkpoints").glob("train-*.pt"))
+    good = checkpoint.read_bytes()
+    state = torch.load(checkpoint, weights_only=False)
+    del state["identity"]["format"]
+    torch.save(state, checkpoint)
+    assert main(args + ["--name", "killed"]) == 2
+    assert "different training config" in capsys.readouterr().err
+    checkpoint.write_bytes(good)
     assert main(args + ["--name", "killed"]) == 0
     a, b = _weights(run / "saes" / "whole"), _weights(run / "saes" / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -29,6 +29,9 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+CHECKPOINT_FORMAT = 2  # 2: the encoder stored latent-major (W_enc_SD); older checkpoints do not resume
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -71,7 +74,8 @@ def train(cfg: TrainConfig) -> list[Path]:
         sae.arch.init_from_data(sae, sample * scale)
         trainees.append(Trainee(name, vcfg, sae, device))
 
-    identity = {"variants": {n: dataclasses.asdict(v) for n, v in variants}, "store_rows": len(store), "hook": hook}
+    identity = {"variants": {n: dataclasses.asdict(v) for n, v in variants}, "store_rows": len(store), "hook": hook,
+                "format": CHECKPOINT_FORMAT}
     identity["variants"] = {n: {k: v for k, v in d.items() if k not in ("overwrite", "checkpoint_every", "log_every")}
                             for n, d in identity["variants"].items()}
     key = hashlib.sha256(json.dumps(sorted(outputs)).encode()).hexdigest()[:12]

@@ -94,25 +94,38 @@ class SparseJumpReLU(torch.autograd.Function):
 
 
 def kept_entries(xc_BD, W_enc_SD, b_enc_S, lower_S, select_dtype):
-    """(rows, latents, exact z) of the entries with z = xc W_enc + b_enc > lower, in row-major order.
+    """(rows, latents, z) of the entries with z = xc W_enc + b_enc > lower, in row-major order.
 
-    With a low-precision select_dtype the GEMM only proposes candidates: an entry passes if its rounded
-    z could exceed `lower` given a bound on the rounding error, and then its z is computed exactly
-    (a dot product per candidate) and tested again. The result equals the full-precision selection;
-    only the GEMM is cheaper. The bound: inputs and weights rounded to 2^-8 relative (bfloat16 keeps 8
-    significant bits), so |error| <= 2^-7 |x| |w| + 2^-8 |b| + 2^-8 |z| by Cauchy-Schwarz, taken with
-    the row's |x| and the largest |w| and |b| and doubled for the comparison's own rounding."""
-    dtype = select_dtype or xc_BD.dtype
-    z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, dtype)
+    With a low-precision select_dtype the GEMM only proposes candidates, and dot products in full
+    precision decide: the selection is the full-precision one (up to float32 rounding right at the
+    threshold); only the GEMM is cheaper. When the bound lets too many through, the full-precision GEMM
+    decides instead."""
+    if select_dtype is not None and select_dtype != xc_BD.dtype:
+        found = _from_candidates(xc_BD, W_enc_SD, b_enc_S, lower_S, select_dtype)
+        if found is not None:
+            return found
+    z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, xc_BD.dtype)
     S = z_BS.shape[1]
-    if dtype == xc_BD.dtype:
-        flat = (z_BS > lower_S.to(dtype)).flatten().nonzero().squeeze(1)
-        return flat // S, flat % S, z_BS.flatten()[flat]
-    slack_B = 2 * (2**-7 * xc_BD.norm(dim=1) * W_enc_SD.norm(dim=1).max() + 2**-8 * b_enc_S.abs().max())
-    bound_S = lower_S - 2**-6 * lower_S.abs()  # the |z| term, with z near the lower bound
-    candidates = (z_BS + slack_B[:, None].to(dtype) > bound_S.to(dtype)).flatten().nonzero().squeeze(1)
+    flat = (z_BS > lower_S).flatten().nonzero().squeeze(1)
+    return flat // S, flat % S, z_BS.flatten()[flat]
+
+
+def _from_candidates(xc_BD, W_enc_SD, b_enc_S, lower_S, dtype, max_fraction: float = 1 / 8):
+    """An entry is a candidate if its low-precision z could exceed `lower`: bfloat16 keeps 8 significant
+    bits, so inputs, weights, bias and the product each carry 2^-9 relative error, and by Cauchy-Schwarz
+    |error| <= 2^-8 |x_b| |w_s| + 2^-9 (|b_s| + |z|), with |z| ~ |lower| at the line; the margin below
+    takes four times that, per row and latent (one latent's large weights widen only its own column).
+    None when more than `max_fraction` of the entries are candidates."""
+    z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, dtype)
+    B, S = z_BS.shape
+    line_S = lower_S - 2**-7 * (b_enc_S.abs() + lower_S.abs())
+    line_BS = torch.addcmul(line_S.to(dtype)[None, :], xc_BD.norm(dim=1).to(dtype)[:, None],
+                            W_enc_SD.norm(dim=1).to(dtype)[None, :], value=-2**-6)
+    candidates = (z_BS > line_BS).flatten().nonzero().squeeze(1)
+    if candidates.numel() > max_fraction * B * S:
+        return None
     rows_N, indices_N = candidates // S, candidates % S
-    offsets = torch.searchsorted(rows_N, torch.arange(xc_BD.shape[0] + 1, device=rows_N.device))
+    offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=rows_N.device))
     z_N = backend(W_enc_SD).entry_dots(xc_BD, W_enc_SD, indices_N, offsets) + b_enc_S[indices_N]
     keep = z_N > lower_S[indices_N]
     return rows_N[keep], indices_N[keep], z_N[keep]

@@ -84,7 +84,11 @@ def top_n(f_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     One top-k over millions of entries runs on one thread (78 ms for 32,768 of 6.3 M on the CPU here);
     instead a threshold from a strided sample keeps about 1.25 n candidates, and the result is exact
     whenever at least n pass it (the n-th largest then passes too); otherwise, one full top-k."""
-    stride = 61 if f_N.numel() % 61 else 59  # co-prime with the row length: the sample spans all latents
+    if n == 0 or f_N.numel() == 0:
+        return f_N.new_zeros(0, dtype=torch.int64), f_N.new_zeros(0)
+    # a prime stride that does not divide the entry count, so not the row length either: the sample
+    # visits every latent
+    stride = next(p for p in (61, 59, 53, 47, 43, 41, 37, 31) if f_N.numel() % p)
     sample = f_N[::stride]
     t0 = sample.topk(min(sample.numel(), int(1.25 * n / stride) + 1), sorted=False).values.min()
     candidates = (f_N > t0.clamp_min(0)).nonzero().squeeze(1)

@@ -52,8 +52,12 @@ def encoder_grads(needs, xc_BD, W_enc_SD, indices_N, g_N, rows_N, offsets):
     grad_W = ops.scatter_rows(xc_BD, g_N, indices_N, rows_N, S).to(W_enc_SD.dtype) if needs[1] else None
     grad_b_enc = torch.zeros(S, dtype=g_N.dtype, device=g_N.device).index_add_(0, indices_N, g_N)
     grad_x = ops.decode(W_enc_SD, g_N, indices_N, offsets).to(xc_BD.dtype) if needs[0] else None
-    # sum_b dL/dxc_b = sum_s (sum of s's g) W_enc_SD[s]: a product with grad_b_enc, no [B, D] gather
-    grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_b_enc @ W_enc_SD) if needs[3] else None
+    # sum_b dL/dxc_b = sum_s (sum of s's g) W_enc_SD[s]: a product with grad_b_enc, no [B, D] gather; in
+    # the master weights' precision whatever autocast the backward runs under
+    grad_b_dec = None
+    if needs[3]:
+        with torch.autocast(xc_BD.device.type, enabled=False):
+            grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_b_enc @ W_enc_SD)
     return grad_x, grad_W, grad_b_enc if needs[2] else None, grad_b_dec
 
 
