@@ -8,7 +8,7 @@ from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Bags, Code
 from saex.sae.kernels import decode, sparse_encode
-from saex.sae.kernels.dispatch import topk_rows
+from saex.sae.kernels.encode import topk_code
 from saex.sae.kernels.precision import select_dtype
 
 
@@ -16,8 +16,7 @@ class TopK(Architecture):
     saelens_name = "topk"
 
     def select(self, z_BS: torch.Tensor, k: int) -> Code:
-        values, indices = topk_rows(z_BS, k)
-        return Code(torch.relu(values), indices, z_BS.shape[-1])
+        return topk_code(z_BS, k)
 
     def encode(self, sae, x_BD) -> Code:
         return self.select(sae.pre_acts(x_BD), self.cfg.k)

@@ -92,14 +92,13 @@ def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype
     return Bags(*SparseEncode.apply(x_BD, W_enc_SD, b_enc_S, b_dec_D, select, select_dtype), W_enc_SD.shape[0])
 
 
-def select_topk(k: int) -> Select:
-    def select(z_BS):
-        values, indices = topk_rows(z_BS, k)
-        return Code(torch.relu(values), indices, z_BS.shape[-1]).bags()
-    return select
+def topk_code(z_BS: torch.Tensor, k: int) -> Code:
+    """TopK(ReLU(z)) in top-k form, through the one top-k entry point (saex's kernel where opted in)."""
+    values, indices = topk_rows(z_BS, k)
+    return Code(torch.relu(values), indices, z_BS.shape[-1])
 
 
 def topk_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
     """(values [B, k], indices [B, k]) of TopK(ReLU(pre-activations)), with a sparse backward."""
-    code = sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select_topk(k), select_dtype)
+    code = sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, lambda z: topk_code(z, k).bags(), select_dtype)
     return code.values_N.view(-1, k), code.indices_N.view(-1, k)
