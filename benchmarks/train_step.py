@@ -25,7 +25,7 @@ import torch
 SHAPES = {"cpu": (384, 6144, 1024, 32), "h100": (1024, 65536, 4096, 32)}
 
 
-def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int) -> list[dict]:
+def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int, profile: str | None = None) -> list[dict]:
     """Peak memory per row (each built and stepped alone, above what earlier rows hold), then ms/step: in
     each round every row takes one untimed step (its weights back in cache) and `steps` timed ones, so that
     drift in the machine's speed hits all rows alike; the median over all timed steps is reported."""
@@ -39,10 +39,14 @@ def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int) ->
         base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = make()
-        for _ in range(3):
-            step()
-        sync()
+        try:
+            step = make()
+            for _ in range(3):
+                step()
+            sync()
+        except Exception as e:  # one library's failure (a version mismatch, say) must not lose the table
+            print(f"{library} {name} failed: {e!r}", file=sys.stderr)
+            continue
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
         built.append((library, name, step, peak, []))
     for _ in range(rounds):
@@ -54,9 +58,29 @@ def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int) ->
                 step()
                 sync()
                 times.append(time.perf_counter() - t)
+    if profile is not None:
+        _profile(built, device, profile)
     return [{"library": library, "architecture": name, "ms_per_step": round(1000 * statistics.median(times), 2),
              "tokens_per_s": round(batch / statistics.median(times)), "peak_mib": peak and round(peak)}
             for library, name, _, peak, times in built]
+
+
+def _profile(built, device: torch.device, pattern: str) -> None:
+    """Where each matching row's step spends its time: the profiler's top kernels, on stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for library, name, step, *_ in built:
+        if not any(p in f"{library} {name}" for p in pattern.split(",")):
+            continue
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"\n=== {library} {name} (5 steps) ===", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
 def _adam_step(forward, params, opt=None):
@@ -149,6 +173,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row and round")
     parser.add_argument("--only", nargs="*", default=None, help="libraries to run (saex sparsify saelens)")
+    parser.add_argument("--profile", default=None, metavar="TEXT",
+                        help="after timing, profile the rows whose 'library architecture' contains TEXT "
+                             "(several: comma-separated); the top kernels go to stderr")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d, S, B, k = SHAPES[args.shape]
@@ -162,7 +189,7 @@ def main() -> None:
             pending.extend(rows(d, S, B, k, x, device))
         except ImportError as e:
             skipped[lib] = str(e)
-    table = _measure(pending, args.rounds, args.steps, device, B)
+    table = _measure(pending, args.rounds, args.steps, device, B, args.profile)
     by = {(r["library"], r["architecture"].split(" (")[0]): r["tokens_per_s"] for r in table
           if "(" not in r["architecture"] or r["library"] == "sparsify"}
     ratios = {}
