@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (device time is billed by the minute): the kernel tests on
-# CUDA (Triton against the torch path, compiled), the train-step table at the H100 shape, and the CLIP
-# ViT-L/14 harvest rate. Results go to $OUT (the device tool's folder) or ./gpu-results.
+# Everything that needs a GPU, in one command (device time is billed by the minute): the test suites on
+# CUDA (Triton against the torch path, compiled), the kernels' launch parameters, the image processors'
+# speed, the CLIP ViT-L/14 harvest rate and the train-step table at the H100 shape. Results go to $OUT
+# (the device tool's folder) or ./gpu-results. Name steps to run a subset (default: all of them).
 #
 #   here:        bash scripts/gpu_wheels.sh        # once: SAELens, sparsify and their deps into .whl/
-#   device run:  bash benchmarks/gpu_session.sh    with carry [".whl"]
+#   device run:  bash benchmarks/gpu_session.sh [tests] [kernels] [preprocess] [harvest] [train]   carry [".whl"]
+#   PYTEST_ARGS (default: the GPU-relevant suites) and PROFILE (train-step rows to profile) adjust steps.
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# the GPU-relevant suites (those needing Debian's or PyPI's embedded datasets fail there and are read as such)
-timeout 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/sae tests/train tests/models tests/test_harvest.py \
-  2>&1 | tail -40 | tee "$out/pytest.txt"
-python3 benchmarks/train_step.py --shape h100 --profile "${PROFILE:-saex,sparsify}" > "$out/train_step.json" 2> "$out/train_step.err"; tail -5 "$out/train_step.err"
-cat "$out/train_step.json"
-python3 benchmarks/harvest.py --images 8192 > "$out/harvest.json" 2> "$out/harvest.err"; tail -3 "$out/harvest.err"
-cat "$out/harvest.json"
+steps=${*:-tests kernels preprocess harvest train}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+for step in $steps; do
+  echo "== $step $(date +%T)"
+  case $step in
+    tests)  # suites needing Debian's or PyPI's embedded datasets fail there for want of them
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 --tb=short \
+        ${PYTEST_ARGS:-tests/sae tests/train tests/models tests/test_harvest.py} > "$out/pytest.txt" 2>&1
+      tail -15 "$out/pytest.txt" ;;
+    kernels) python3 benchmarks/kernels.py > "$out/kernels.json" ;;
+    preprocess) python3 benchmarks/preprocess.py | tee "$out/preprocess.json" ;;
+    harvest)
+      for workers in -1 15; do
+        python3 benchmarks/harvest.py --images 8192 --workers $workers 2>/dev/null | tee -a "$out/harvest.json"
+      done ;;
+    train)
+      python3 benchmarks/train_step.py --shape h100 --profile "${PROFILE:-saex topk}" > "$out/train_step.json" \
+        2> "$out/train_step.err"
+      cat "$out/train_step.json" ;;
+  esac
+done

@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--layer", type=int, default=None, help="hooked block (default: second to last)")
+    parser.add_argument("--workers", type=int, default=-1, help="harvest's loader processes (-1: its default)")
     args = parser.parse_args()
     from saex.harvest import HarvestConfig, harvest
 
@@ -78,13 +79,13 @@ def main() -> None:
         def run(name, limit=None):
             return harvest(HarvestConfig(run=str(tmp / name), model=str(tmp / "model"), dataset=str(tmp / "images"),
                                          hook=[f"blocks.{layer}.hook_resid_post"], tokens="cls", max_examples=limit,
-                                         batch_size=args.batch_size, order="dataset"))
+                                         batch_size=args.batch_size, order="dataset", workers=args.workers))
 
         run("warm-up", limit=args.batch_size)  # one batch, as the plain forward's warm-up call
         manifest = run("run")
         end = json.loads((tmp / "run" / "logs" / "harvest.jsonl").read_text().splitlines()[-1])
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size,
-                      "layer": layer, "images": args.images, "batch_size": args.batch_size,
+                      "layer": layer, "images": args.images, "batch_size": args.batch_size, "workers": args.workers,
                       "plain_forward_images_per_s": round(forward, 1),
                       "harvest_images_per_s": round(end["examples_per_s"], 1),
                       "ratio": round(end["examples_per_s"] / forward, 3), "rows": manifest["rows"]}, indent=2))

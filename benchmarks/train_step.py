@@ -110,9 +110,9 @@ def saex_rows(d, S, B, k, x, device):
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
     environments = {name: {} for name in variants}
-    if device.type == "cuda":  # the opt-in radix-select top-k kernel, to be timed against torch.topk
-        variants["topk (triton selection)"] = dict(architecture="topk")
-        environments["topk (triton selection)"] = {"SAEX_TOPK": "triton"}
+    if device.type == "cuda":  # saex's top-k candidate kernel against torch.topk
+        variants["topk (torch.topk selection)"] = dict(architecture="topk")
+        environments["topk (torch.topk selection)"] = {"SAEX_TOPK": "torch"}
     ctx = TrainContext(sparsity_coefficient=1.0)
     for name, kw in variants.items():
         def make(kw=kw, env=environments[name]):

@@ -112,20 +112,27 @@ def compile_for_hopper(values: str) -> None:
 
     segment = {"Src": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32", "D": "i32",
                "stride_src": "i32"}
-    signatures = [  # the gather and the scatter both run the segment sum, with their own entry blocks
-        (kernels.segment_sum_kernel, segment, triton_ops.BLOCK_E_GATHER),
-        (kernels.segment_sum_kernel, segment, triton_ops.BLOCK_E_SCATTER),
+    signatures = [  # the gather and the scatter both run the segment sum, with their own launch parameters
+        (kernels.segment_sum_kernel, segment, "gather"),
+        (kernels.segment_sum_kernel, segment, "scatter"),
         (kernels.gather_dot_kernel, {"G": "*fp32", "W": "*fp32", "I": "*i64", "R": "*i64", "Out": f"*{values}",
-                                     "N": "i32", "D": "i32", "stride_w": "i32"}, triton_ops.BLOCK_E_GATHER),
+                                     "N": "i32", "D": "i32", "stride_w": "i32"}, "dot"),
     ]
-    for kernel, signature, block_e in signatures:
-        constants = {"ACC": tl.float32, "BLOCK_E": block_e, "BLOCK_D": triton_ops.BLOCK_D}
+    for kernel, signature, tuning in signatures:
+        launch = triton_ops.TUNING[tuning]
+        constants = {"ACC": tl.float32, "BLOCK_E": launch["BLOCK_E"], "BLOCK_D": launch["BLOCK_D"]}
         signature = {**signature, **{name: "constexpr" for name in constants}}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": launch["num_warps"]})
         assert "ld.global" in compiled.asm["ptx"], kernel
-    topk = ASTSource(kernels.topk_rows_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32", "K": "i32",
-                                                "BLOCK": "constexpr"}, {"BLOCK": triton_ops.BLOCK_TOPK})
-    assert "ld.global" in triton.compile(topk, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    stride, sample, _, cap = triton_ops.topk_plan(65536, 32)
+    constants = {"STRIDE": stride, "SAMPLE": sample, "BLOCK": triton_ops.TUNING["topk"]["BLOCK"], "CAP": cap}
+    topk = ASTSource(kernels.topk_candidates_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32",
+                                                      "K": "i32", "J": "i32", **{n: "constexpr" for n in constants}},
+                     constants)
+    compiled = triton.compile(topk, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": triton_ops.TUNING["topk"]["num_warps"]})
+    assert "ld.global" in compiled.asm["ptx"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
@@ -139,12 +146,27 @@ def test_kernels_compile_for_an_h100(values):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("B, S, k", [(3, 300, 7), (4, 5000, 32), (2, 64, 64)])
-def test_radix_topk_selects_what_torch_topk_selects(B, S, k):
-    g = torch.Generator().manual_seed(S)
-    z = torch.randn(B, S, generator=g).bfloat16().to(DEVICE)
-    z[0, : S // 4] = 1.0  # many ties at a value inside the top k
-    z[-1] = -z[-1].abs()  # a row without a positive value
+def _rows_for_topk(B, S, stride, seed):
+    """bfloat16 rows that take every path of the candidate kernel: plain Gaussian rows (one pass), a row
+    whose sampled entries are all small (too many pass: bisection), one where only the sampled entries
+    are large (too few pass when the sample's threshold rank is below k), one of all-equal keys (ties: no
+    threshold separates them), one with many ties inside its top k, and one without a positive value."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, S, generator=g)
+    z[1, ::stride] = -5.0
+    z[2] = torch.rand(S, generator=g) - 3.0
+    z[2, ::stride] = 2.0 + torch.rand(len(z[2, ::stride]), generator=g)
+    z[3] = 0.25
+    z[4, : S // 4] = 1.0
+    z[5] = -z[5].abs()
+    return z.bfloat16().to(DEVICE)
+
+
+@pytest.mark.parametrize("S, k", [(300, 7), (5000, 32), (4000, 3), (70000, 2)])
+def test_topk_candidates_select_what_torch_topk_selects(S, k):
+    stride, _, _, cap = triton_ops.topk_plan(S, k)
+    assert cap < S  # the kernel runs (rows longer than its slots)
+    z = _rows_for_topk(7, S, stride, seed=S)
     values, indices = triton_ops.topk_rows(z, k)
     expected = z.topk(k, dim=-1).values
     assert torch.equal(values.float().sort(-1).values, expected.float().sort(-1).values)

@@ -26,10 +26,9 @@ def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
 
 
 def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of each row's k largest, unordered. SAEX_TOPK=triton selects bfloat16 rows on
-    CUDA with saex's radix-select kernel instead of torch.topk: written and checked for correctness
-    without a GPU, it stays opt-in until benchmarks/gpu_session.sh has timed it against torch.topk."""
-    if (os.environ.get("SAEX_TOPK") == "triton" and z_BS.dtype == torch.bfloat16 and z_BS.dim() == 2
+    """(values, indices) of each row's k largest, unordered. bfloat16 rows on CUDA go through saex's
+    candidate kernel (triton_ops.topk_rows); SAEX_TOPK=torch keeps torch.topk for them too."""
+    if (os.environ.get("SAEX_TOPK", "auto") != "torch" and z_BS.dtype == torch.bfloat16 and z_BS.dim() == 2
             and triton_ops.usable(z_BS)):
         return triton_ops.topk_rows(z_BS, k)
     return z_BS.topk(k, dim=-1, sorted=False)

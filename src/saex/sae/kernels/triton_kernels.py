@@ -58,44 +58,91 @@ def _order_key(z):
 
 
 @triton.jit
-def topk_rows_kernel(Z, OutV, OutI, S, K, BLOCK: tl.constexpr):
-    """The K largest of each bfloat16 row of Z [B, S]: a radix select on 16-bit order keys (one
-    histogram pass per byte), then one compaction pass; ties at the threshold go in index order.
-    Histograms have 512 bins: real keys land in 256 + byte, lanes out of the row or the digit in bin 0."""
-    row = tl.program_id(0).to(tl.int64)
-    bins = tl.arange(0, 512)
-    hist = tl.zeros([512], dtype=tl.int32)
+def _count_at_least(z_row, S, t, BLOCK: tl.constexpr):
+    """How many keys of the row are >= t."""
+    n = 0
     for s0 in range(0, S, BLOCK):
         offs = s0 + tl.arange(0, BLOCK)
-        valid = offs < S
-        key = _order_key(tl.load(Z + row * S + offs, mask=valid, other=0.0))
-        hist += tl.histogram(tl.where(valid, (key >> 8) + 256, 0), 512)
-    cum = tl.cumsum(hist, 0, reverse=True)  # cum[b]: keys in bins >= b
-    hi = tl.sum(((cum >= K) & (bins >= 256)).to(tl.int32)) - 1
-    above = tl.sum(tl.where(bins == hi + 256, cum - hist, 0))  # keys whose high byte exceeds hi
-    need = K - above
-    hist = tl.zeros([512], dtype=tl.int32)
-    for s0 in range(0, S, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        valid = offs < S
-        key = _order_key(tl.load(Z + row * S + offs, mask=valid, other=0.0))
-        hist += tl.histogram(tl.where(valid & ((key >> 8) == hi), (key & 255) + 256, 0), 512)
-    cum = tl.cumsum(hist, 0, reverse=True)
-    lo = tl.sum(((cum >= need) & (bins >= 256)).to(tl.int32)) - 1
-    threshold = hi * 256 + lo
-    ties = need - tl.sum(tl.where(bins == lo + 256, cum - hist, 0))  # keys equal to the threshold to take
+        key = _order_key(tl.load(z_row + offs, mask=offs < S, other=0.0))
+        n += tl.sum(((key >= t) & (offs < S)).to(tl.int32))
+    return n
+
+
+@triton.jit
+def _compact(z_row, out_v, out_i, S, front, tie, room, BLOCK: tl.constexpr, CAP: tl.constexpr,
+             TIES: tl.constexpr):
+    """Writes the entries whose key is >= front to slots 0, 1, ... (those past CAP are dropped) and, with
+    TIES, up to `room` entries whose key equals `tie` to slots CAP - 1, CAP - 2, ...; returns how many
+    keys were >= front."""
     written = 0
     tied = 0
     for s0 in range(0, S, BLOCK):
         offs = s0 + tl.arange(0, BLOCK)
         valid = offs < S
-        z = tl.load(Z + row * S + offs, mask=valid, other=0.0)
+        z = tl.load(z_row + offs, mask=valid, other=0.0)
         key = _order_key(z)
-        equal = valid & (key == threshold)
-        tie_rank = tl.cumsum(equal.to(tl.int32), 0) - 1 + tied
-        keep = (valid & (key > threshold)) | (equal & (tie_rank < ties))
-        pos = tl.cumsum(keep.to(tl.int32), 0) - 1 + written
-        tl.store(OutI + row * K + pos, offs.to(tl.int64), mask=keep)
-        tl.store(OutV + row * K + pos, z, mask=keep)
+        keep = valid & (key >= front)
+        pos = written + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out_v + pos, z, mask=keep & (pos < CAP))
+        tl.store(out_i + pos, offs.to(tl.int64), mask=keep & (pos < CAP))
         written += tl.sum(keep.to(tl.int32))
-        tied += tl.sum(equal.to(tl.int32))
+        if TIES:
+            equal = valid & (key == tie)
+            rank = tied + tl.cumsum(equal.to(tl.int32), 0) - 1
+            tl.store(out_v + CAP - 1 - rank, z, mask=equal & (rank < room))
+            tl.store(out_i + CAP - 1 - rank, offs.to(tl.int64), mask=equal & (rank < room))
+            tied += tl.sum(equal.to(tl.int32))
+    return written
+
+
+@triton.jit
+def topk_candidates_kernel(Z, OutV, OutI, S, K, J, STRIDE: tl.constexpr, SAMPLE: tl.constexpr,
+                           BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """CAP candidate slots per bfloat16 row of Z [B, S] that hold the row's K largest (the rest: -inf).
+
+    The threshold is the J-th largest key of every STRIDE-th entry (J x STRIDE ~ 4 K: about 4 K entries
+    pass it), found by bisection in registers; one pass then writes the entries above it. A row where
+    fewer than K or more than CAP pass (rare) bisects over its full keys until a threshold lets K to CAP
+    through, or, when ties make that impossible, takes every key above the K-th largest plus enough of
+    the keys equal to it."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * S
+    out_v = OutV + row * CAP
+    out_i = OutI + row * CAP
+    slots = tl.arange(0, CAP)
+    tl.store(out_v + slots, tl.full([CAP], float("-inf"), dtype=tl.float32).to(OutV.dtype.element_ty))
+    sample = tl.arange(0, SAMPLE) * STRIDE
+    skey = tl.where(sample < S, _order_key(tl.load(z_row + sample, mask=sample < S, other=0.0)), -1)
+    lo = 0
+    hi = 65536
+    for _ in range(17):  # invariant: >= J sampled keys are >= lo, fewer than J are >= hi
+        mid = (lo + hi) // 2
+        enough = tl.sum((skey >= mid).to(tl.int32)) >= J
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    n = _compact(z_row, out_v, out_i, S, lo, -1, 0, BLOCK, CAP, False)
+    if (n < K) | (n > CAP):
+        # invariant: >= K keys are >= lo (more than CAP unless lo = 0), fewer than K (n_hi) are >= hi
+        n_hi = 0
+        if n < K:
+            hi = lo
+            n_hi = n
+            lo = 0
+        else:
+            hi = 65536
+        t = -1
+        while (t < 0) & (hi - lo > 1):
+            mid = (lo + hi) // 2
+            c = _count_at_least(z_row, S, mid, BLOCK)
+            if c < K:
+                hi = mid
+                n_hi = c
+            elif c > CAP:
+                lo = mid
+            else:
+                t = mid
+        tl.store(out_v + slots, tl.full([CAP], float("-inf"), dtype=tl.float32).to(OutV.dtype.element_ty))
+        if t >= 0:
+            _compact(z_row, out_v, out_i, S, t, -1, 0, BLOCK, CAP, False)
+        else:  # every key above lo, then keys equal to lo into the slots left
+            _compact(z_row, out_v, out_i, S, hi, lo, CAP - n_hi, BLOCK, CAP, True)

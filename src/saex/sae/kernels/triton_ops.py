@@ -22,12 +22,16 @@ except ImportError:  # no Triton here: the torch path serves every tensor
     triton, K = None, None
 
 AVAILABLE = K is not None
-# first guesses for d_in ~1,024 on an H100, not yet tuned on one: a d-block of 256 keeps a program's
-# row reads at 1 KiB, and the scatter's entry block is small because latents hold ~2 entries each
-BLOCK_D = 256
-BLOCK_E_GATHER = 32
-BLOCK_E_SCATTER = 4
-BLOCK_TOPK = 2048
+# launch parameters per kernel (benchmarks/kernels.py times the alternatives on a GPU): the gather's
+# d-block of 256 keeps a program's row reads at 1 KiB; the scatter's entry block is small because
+# latents hold ~2 entries each
+TUNING = {
+    "gather": {"BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
+    "scatter": {"BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 4},
+    "dot": {"BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
+    "topk": {"BLOCK": 4096, "num_warps": 8},
+}
+MAX_SAMPLE = 8192
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -51,9 +55,9 @@ def gather_sum(W_SD, values_N, indices_N, offsets, out_dtype=None) -> torch.Tens
     M, D = offsets.numel() - 1, W_SD.shape[1]
     out = torch.empty(M, D, dtype=out_dtype or W_SD.dtype, device=W_SD.device)
     with _on(W_SD):
-        K.segment_sum_kernel[(M, triton.cdiv(D, BLOCK_D))](
+        K.segment_sum_kernel[(M, triton.cdiv(D, TUNING["gather"]["BLOCK_D"]))](
             W_SD, values_N.contiguous(), indices_N.contiguous(), offsets.contiguous(), out, D, W_SD.stride(0),
-            ACC=_acc(W_SD, values_N), BLOCK_E=BLOCK_E_GATHER, BLOCK_D=BLOCK_D)
+            ACC=_acc(W_SD, values_N), **TUNING["gather"])
     return out
 
 
@@ -63,9 +67,9 @@ def gather_dot(G_MD, W_SD, indices_N, rows_N, out_dtype=None) -> torch.Tensor:
     N, D = indices_N.numel(), W_SD.shape[1]
     out = torch.empty(N, dtype=out_dtype or G_MD.dtype, device=G_MD.device)
     with _on(W_SD):
-        K.gather_dot_kernel[(triton.cdiv(N, BLOCK_E_GATHER),)](
+        K.gather_dot_kernel[(triton.cdiv(N, TUNING["dot"]["BLOCK_E"]),)](
             G_MD.contiguous(), W_SD, indices_N.contiguous(), rows_N.contiguous(), out, N, D, W_SD.stride(0),
-            ACC=_acc(G_MD, W_SD), BLOCK_E=BLOCK_E_GATHER, BLOCK_D=BLOCK_D)
+            ACC=_acc(G_MD, W_SD), **TUNING["dot"])
     return out
 
 
@@ -79,22 +83,41 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> torch.Tensor:
     starts = torch.searchsorted(keys, torch.arange(S + 1, device=keys.device, dtype=keys.dtype))
     out = torch.empty(S, D, dtype=torch.promote_types(X_BD.dtype, torch.float32), device=X_BD.device)
     with _on(X_BD):
-        K.segment_sum_kernel[(S, triton.cdiv(D, BLOCK_D))](
+        K.segment_sum_kernel[(S, triton.cdiv(D, TUNING["scatter"]["BLOCK_D"]))](
             X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, D, D,
-            ACC=_acc(X_BD, values_N), BLOCK_E=BLOCK_E_SCATTER, BLOCK_D=BLOCK_D)
+            ACC=_acc(X_BD, values_N), **TUNING["scatter"])
     return out
 
 
+def topk_plan(S: int, k: int) -> tuple[int, int, int, int]:
+    """(stride, sample, J, cap) of topk_candidates_kernel for rows of S keys: every stride-th key is
+    sampled (at most MAX_SAMPLE of them, a power of two) and the J-th largest sampled key, J x stride ~
+    4 k, is the threshold; cap slots (16 k) hold what passes it. With stride <= k / 2, J >= 8: fewer
+    than k pass about once in a thousand rows, more than cap about never; those rows bisect instead."""
+    stride = 1 << max(0, (k // 2).bit_length() - 1) if k >= 2 else 1
+    stride = min(stride, 16)
+    while triton.next_power_of_2(triton.cdiv(S, stride)) > MAX_SAMPLE:
+        stride *= 2
+    return stride, triton.next_power_of_2(triton.cdiv(S, stride)), max(1, round(4 * k / stride)), \
+        triton.next_power_of_2(16 * k)
+
+
 def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) [B, k] of each bfloat16 row's k largest, by a radix select (unordered)."""
+    """(values, indices) [B, k] of each bfloat16 row's k largest, unordered: topk_candidates_kernel
+    narrows each row to 16 k candidates in about one pass, torch.topk picks among them."""
     B, S = z_BS.shape
     if not 1 <= k <= S:
         raise ValueError(f"topk_rows: k {k} must be between 1 and the row length {S}")
-    values = torch.empty(B, k, dtype=z_BS.dtype, device=z_BS.device)
-    indices = torch.empty(B, k, dtype=torch.int64, device=z_BS.device)
+    stride, sample, J, cap = topk_plan(S, k)
+    if cap >= S:  # short rows: nothing to narrow
+        return z_BS.topk(k, dim=-1, sorted=False)
+    values = torch.empty(B, cap, dtype=z_BS.dtype, device=z_BS.device)
+    indices = torch.empty(B, cap, dtype=torch.int64, device=z_BS.device)
     with _on(z_BS):
-        K.topk_rows_kernel[(B,)](z_BS.contiguous(), values, indices, S, k, BLOCK=BLOCK_TOPK)
-    return values, indices
+        K.topk_candidates_kernel[(B,)](z_BS.contiguous(), values, indices, S, k, J, STRIDE=stride, SAMPLE=sample,
+                                       CAP=cap, **TUNING["topk"])
+    top, slots = values.topk(k, dim=-1, sorted=False)
+    return top, indices.gather(1, slots)
 
 
 def entry_dots(G_MD, W_SD, indices_N, offsets) -> torch.Tensor:
