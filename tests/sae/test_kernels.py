@@ -57,7 +57,9 @@ def test_scatter_rows_matches_a_dense_product():
     val = torch.rand(7, 3, dtype=torch.float64)
     dense_BS = torch.zeros(7, 8, dtype=torch.float64).scatter_add_(1, idx, val)
     rows = torch.arange(7).repeat_interleave(3)
-    assert torch.allclose(torch_ops.scatter_rows(X, val.flatten(), idx.flatten(), rows, 8), dense_BS.T @ X)
+    out, sums = torch_ops.scatter_rows(X, val.flatten(), idx.flatten(), rows, 8)
+    assert torch.allclose(out, dense_BS.T @ X)
+    assert torch.allclose(sums, dense_BS.sum(0))
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

@@ -49,8 +49,10 @@ def test_entry_dots_match_the_torch_path():
 
 def test_scatter_rows_matches_the_torch_path_and_zeroes_unselected_latents():
     W, val, idx, _, rows, G = _case()
-    out = triton_ops.scatter_rows(G, val, idx, rows, W.shape[0])
-    assert torch.allclose(out, torch_ops.scatter_rows(G, val, idx, rows, W.shape[0]), atol=1e-5)
+    out, sums = triton_ops.scatter_rows(G, val, idx, rows, W.shape[0])
+    expected, expected_sums = torch_ops.scatter_rows(G, val, idx, rows, W.shape[0])
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(sums, expected_sums, atol=1e-6)
     assert out[-3:].abs().sum() == 0
 
 
@@ -110,8 +112,8 @@ def compile_for_hopper(values: str) -> None:
 
     from saex.sae.kernels import triton_kernels as kernels
 
-    segment = {"Src": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32", "D": "i32",
-               "stride_src": "i32"}
+    segment = {"Src": "*fp32", "V": f"*{values}", "I": "*i64", "Offsets": "*i64", "Out": "*fp32", "Sums": "*fp32",
+               "D": "i32", "stride_src": "i32"}
     signatures = [  # the gather and the scatter both run the segment sum, with their own launch parameters
         (kernels.segment_sum_kernel, segment, "gather"),
         (kernels.segment_sum_kernel, segment, "scatter"),
@@ -120,7 +122,8 @@ def compile_for_hopper(values: str) -> None:
     ]
     for kernel, signature, tuning in signatures:
         launch = triton_ops.TUNING[tuning]
-        constants = {"ACC": tl.float32, "BLOCK_E": launch["BLOCK_E"], "BLOCK_D": launch["BLOCK_D"]}
+        constants = {"ACC": tl.float32, "BLOCK_E": launch["BLOCK_E"], "BLOCK_D": launch["BLOCK_D"],
+                     **({"SUMS": tuning == "scatter"} if kernel is kernels.segment_sum_kernel else {})}
         signature = {**signature, **{name: "constexpr" for name in constants}}
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": launch["num_warps"]})

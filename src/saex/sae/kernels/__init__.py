@@ -8,7 +8,8 @@ decoder and the encoder alike:
 - `decode(W_SD, values, indices, offsets)`: each bag's weighted sum of the rows it selects (the
   decoder forward, and the encoder's input gradient);
 - `scatter_rows(X, values, indices, rows, S)`: each row of X added, weighted, into the latents its
-  entries selected (the decoder's and the encoder's weight gradients);
+  entries selected (the decoder's and the encoder's weight gradients), with each latent's sum of
+  values (the encoder bias gradient);
 - the gradient of `decode` with respect to the values (a dot product per entry).
 
 Two backends give the same numbers: Triton kernels on CUDA tensors (`triton_ops`), and a vectorised

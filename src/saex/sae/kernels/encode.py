@@ -49,8 +49,11 @@ def encoder_grads(needs, xc_BD, W_enc_SD, indices_N, g_N, rows_N, offsets):
     ops = backend(W_enc_SD)
     S = W_enc_SD.shape[0]
     g_N = g_N.to(W_enc_SD.dtype)  # accumulate in the master weights' precision
-    grad_W = ops.scatter_rows(xc_BD, g_N, indices_N, rows_N, S).to(W_enc_SD.dtype) if needs[1] else None
-    grad_b_enc = torch.zeros(S, dtype=g_N.dtype, device=g_N.device).index_add_(0, indices_N, g_N)
+    if needs[1]:  # the bias gradient (each latent's sum of g) comes with the weights' scatter
+        grad_W, grad_b_enc = ops.scatter_rows(xc_BD, g_N, indices_N, rows_N, S)
+        grad_W, grad_b_enc = grad_W.to(W_enc_SD.dtype), grad_b_enc.to(g_N.dtype)
+    else:
+        grad_W, grad_b_enc = None, torch.zeros(S, dtype=g_N.dtype, device=g_N.device).index_add_(0, indices_N, g_N)
     grad_x = ops.decode(W_enc_SD, g_N, indices_N, offsets).to(xc_BD.dtype) if needs[0] else None
     # sum_b dL/dxc_b = sum_s (sum of s's g) W_enc_SD[s]: a product with grad_b_enc, no [B, D] gather; in
     # the master weights' precision whatever autocast the backward runs under

@@ -19,11 +19,14 @@ def decode(W_SD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Tensor, 
 
 
 def scatter_rows(X_BD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Tensor, rows_N: torch.Tensor,
-                 S: int) -> torch.Tensor:
-    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D]."""
-    G_SB = torch.sparse_coo_tensor(torch.stack([indices_N, rows_N]), values_N.to(X_BD.dtype), (S, X_BD.shape[0]),
+                 S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], and each
+    latent's sum of values -> [S]."""
+    values_N = values_N.to(X_BD.dtype)
+    G_SB = torch.sparse_coo_tensor(torch.stack([indices_N, rows_N]), values_N, (S, X_BD.shape[0]),
                                    check_invariants=False)
-    return torch.sparse.mm(G_SB, X_BD)
+    return torch.sparse.mm(G_SB, X_BD), torch.zeros(S, dtype=X_BD.dtype, device=X_BD.device).index_add_(
+        0, indices_N, values_N)
 
 
 def entry_dots(G_MD: torch.Tensor, W_SD: torch.Tensor, indices_N: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

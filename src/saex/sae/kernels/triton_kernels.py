@@ -9,18 +9,20 @@ import triton.language as tl
 
 
 @triton.jit
-def segment_sum_kernel(Src, V, I, Offsets, Out, D, stride_src,
-                       ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def segment_sum_kernel(Src, V, I, Offsets, Out, Sums, D, stride_src,
+                       ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, SUMS: tl.constexpr):
     """Out[m, d-block] = sum over segment m's entries e of V[e] Src[I[e], d-block], segment m being the
     entries Offsets[m]:Offsets[m + 1]; one program per (segment, d-block) writes its output row once.
     The decoder's gather (segments: bags; I: latents; Src: W) and the weight gradients' scatter
-    (segments: latents; I: rows; Src: X) are both this."""
+    (segments: latents; I: rows; Src: X) are both this. With SUMS, Sums[m] = sum of the segment's V
+    (the bias gradient beside the weights'), in a fixed order: no atomics, the same bits every run."""
     m = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(Offsets + m)
     end = tl.load(Offsets + m + 1)
     acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC)
+    v_acc = tl.zeros([BLOCK_E], dtype=ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         mask_e = offs_e < end
@@ -29,7 +31,10 @@ def segment_sum_kernel(Src, V, I, Offsets, Out, D, stride_src,
         src = tl.load(Src + idx[:, None] * stride_src + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :],
                       other=0.0).to(ACC)
         acc += src * v[:, None]
+        v_acc += v
     tl.store(Out + m * D + offs_d, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=mask_d)
+    if SUMS:
+        tl.store(Sums + m, tl.sum(v_acc, axis=0).to(Sums.dtype.element_ty), mask=tl.program_id(1) == 0)
 
 
 @triton.jit

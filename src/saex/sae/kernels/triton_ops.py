@@ -56,8 +56,8 @@ def gather_sum(W_SD, values_N, indices_N, offsets, out_dtype=None) -> torch.Tens
     out = torch.empty(M, D, dtype=out_dtype or W_SD.dtype, device=W_SD.device)
     with _on(W_SD):
         K.segment_sum_kernel[(M, triton.cdiv(D, TUNING["gather"]["BLOCK_D"]))](
-            W_SD, values_N.contiguous(), indices_N.contiguous(), offsets.contiguous(), out, D, W_SD.stride(0),
-            ACC=_acc(W_SD, values_N), **TUNING["gather"])
+            W_SD, values_N.contiguous(), indices_N.contiguous(), offsets.contiguous(), out, out, D, W_SD.stride(0),
+            ACC=_acc(W_SD, values_N), SUMS=False, **TUNING["gather"])
     return out
 
 
@@ -73,20 +73,24 @@ def gather_dot(G_MD, W_SD, indices_N, rows_N, out_dtype=None) -> torch.Tensor:
     return out
 
 
-def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> torch.Tensor:
-    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], float32 or wider.
+def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], float32 or
+    wider, and each latent's sum of values -> [S].
 
-    Entries are sorted by latent once; zero-valued ones (padding, silent window entries) get the key S
-    and fall outside every latent's segment. Segment starts come from a search, with no host sync."""
+    Entries are sorted (stably: sums in a fixed order) by latent once; zero-valued ones (padding, silent
+    window entries) get the key S and fall outside every latent's segment. Segment starts come from a
+    search, with no host sync."""
     D = X_BD.shape[1]
-    keys, order = torch.where(values_N != 0, indices_N, S).sort()
+    keys, order = torch.where(values_N != 0, indices_N, S).sort(stable=True)
     starts = torch.searchsorted(keys, torch.arange(S + 1, device=keys.device, dtype=keys.dtype))
-    out = torch.empty(S, D, dtype=torch.promote_types(X_BD.dtype, torch.float32), device=X_BD.device)
+    dtype = torch.promote_types(X_BD.dtype, torch.float32)
+    out = torch.empty(S, D, dtype=dtype, device=X_BD.device)
+    sums = torch.empty(S, dtype=dtype, device=X_BD.device)
     with _on(X_BD):
         K.segment_sum_kernel[(S, triton.cdiv(D, TUNING["scatter"]["BLOCK_D"]))](
-            X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, D, D,
-            ACC=_acc(X_BD, values_N), **TUNING["scatter"])
-    return out
+            X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, sums, D, D,
+            ACC=_acc(X_BD, values_N), SUMS=True, **TUNING["scatter"])
+    return out, sums
 
 
 def topk_plan(S: int, k: int) -> tuple[int, int, int, int]:
@@ -140,7 +144,7 @@ class Decode(torch.autograd.Function):
     def backward(ctx, grad_MD):
         W_SD, values_N, indices_N, offsets = ctx.saved_tensors
         rows_N = bag_rows(offsets, indices_N.numel())
-        grad_W = scatter_rows(grad_MD, values_N, indices_N, rows_N, W_SD.shape[0]).to(W_SD.dtype) \
+        grad_W = scatter_rows(grad_MD, values_N, indices_N, rows_N, W_SD.shape[0])[0].to(W_SD.dtype) \
             if ctx.needs_input_grad[0] else None
         grad_v = gather_dot(grad_MD, W_SD, indices_N, rows_N, values_N.dtype) if ctx.needs_input_grad[1] else None
         return grad_W, grad_v, None, None
