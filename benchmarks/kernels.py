@@ -46,9 +46,21 @@ def main() -> None:
     values_N, indices_N = values.reshape(-1), indices.reshape(-1)
     offsets = torch.arange(0, B * k + 1, k, device="cuda")
     rows_N = bag_rows(offsets, B * k)
+    stride, sample, J, cap = triton_ops.topk_plan(S, k)
+    slots_v, slots_i = torch.empty(B, cap, dtype=z.dtype, device="cuda"), torch.empty(B, cap, dtype=torch.int64,
+                                                                                      device="cuda")
+    count = torch.empty(B, dtype=torch.int32, device="cuda")
+
+    def candidates():  # the first kernel alone, at the default launch
+        launch = triton_ops.TUNING["topk"]
+        triton_ops.K.topk_candidates_kernel[(B,)](z, slots_v, slots_i, count, S, J, STRIDE=stride, SAMPLE=sample,
+                                                  CAP=cap, **launch)
+
     cases = {
-        "topk": (lambda: triton_ops.topk_rows(z, k), _grid(BLOCK=[2048, 4096, 8192], num_warps=[4, 8, 16]),
-                 {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False)}),
+        "topk": (lambda: triton_ops.topk_rows(z, k),
+                 _grid(BLOCK=[1024, 2048, 4096], num_warps=[4, 8], STAGES=[1, 3]),
+                 {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False), "candidates kernel alone": candidates,
+                  "torch.topk of the candidates": lambda: slots_v.topk(k, dim=-1, sorted=False)}),
         "gather": (lambda: triton_ops.gather_sum(W, values_N, indices_N, offsets),
                    _grid(BLOCK_E=[8, 32], BLOCK_D=[256, 512, 1024], num_warps=[4, 8]),
                    {"embedding_bag": lambda: torch.nn.functional.embedding_bag(

@@ -129,13 +129,16 @@ def compile_for_hopper(values: str) -> None:
                                   options={"num_warps": launch["num_warps"]})
         assert "ld.global" in compiled.asm["ptx"], kernel
     stride, sample, _, cap = triton_ops.topk_plan(65536, 32)
-    constants = {"STRIDE": stride, "SAMPLE": sample, "BLOCK": triton_ops.TUNING["topk"]["BLOCK"], "CAP": cap}
-    topk = ASTSource(kernels.topk_candidates_kernel, {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "S": "i32",
-                                                      "K": "i32", "J": "i32", **{n: "constexpr" for n in constants}},
-                     constants)
-    compiled = triton.compile(topk, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": triton_ops.TUNING["topk"]["num_warps"]})
-    assert "ld.global" in compiled.asm["ptx"]
+    launch = dict(triton_ops.TUNING["topk"])
+    warps, block = launch.pop("num_warps"), launch["BLOCK"]
+    topk = {"Z": "*bf16", "OutV": "*bf16", "OutI": "*i64", "Count": "*i32", "S": "i32"}
+    for kernel, signature, constants in [
+            (kernels.topk_candidates_kernel, {**topk, "J": "i32"},
+             {"STRIDE": stride, "SAMPLE": sample, "CAP": cap, **launch}),
+            (kernels.topk_repair_kernel, {**topk, "K": "i32"}, {"BLOCK": block, "CAP": cap})]:
+        source = ASTSource(kernel, {**signature, **{n: "constexpr" for n in constants}}, constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert "ld.global" in compiled.asm["ptx"], kernel
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
@@ -175,6 +178,10 @@ def test_topk_candidates_select_what_torch_topk_selects(S, k):
     assert torch.equal(values.float().sort(-1).values, expected.float().sort(-1).values)
     assert torch.equal(z.gather(1, indices), values)
     assert all(len(set(row)) == k for row in indices.tolist())
+    z.requires_grad_()
+    values, indices = triton_ops.topk_rows(z, k)  # the values carry z's gradient (the dense encoder needs it)
+    values.float().sum().backward()
+    assert torch.equal(z.grad, torch.zeros_like(z).scatter_(1, indices, 1.0))
     with pytest.raises(ValueError, match="k 65 must be between 1 and the row length 64"):
         triton_ops.topk_rows(z[:, :64], 65)
 

@@ -78,5 +78,5 @@ class Trainee:
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.dead.load_state_dict(state["dead"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU byte tensor, whatever map_location did
         self.fired_count_S.copy_(state["fired_count_S"])

@@ -20,8 +20,9 @@ def decode(W_SD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Tensor, 
 
 def scatter_rows(X_BD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Tensor, rows_N: torch.Tensor,
                  S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], and each
-    latent's sum of values -> [S]."""
+    """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], float32 or
+    wider (as the Triton path; CUDA's sparse product has no bfloat16), and each latent's sum of values -> [S]."""
+    X_BD = X_BD.to(torch.promote_types(X_BD.dtype, torch.float32))
     values_N = values_N.to(X_BD.dtype)
     G_SB = torch.sparse_coo_tensor(torch.stack([indices_N, rows_N]), values_N, (S, X_BD.shape[0]),
                                    check_invariants=False)

@@ -75,13 +75,13 @@ def _count_at_least(z_row, S, t, BLOCK: tl.constexpr):
 
 @triton.jit
 def _compact(z_row, out_v, out_i, S, front, tie, room, BLOCK: tl.constexpr, CAP: tl.constexpr,
-             TIES: tl.constexpr):
+             TIES: tl.constexpr, STAGES: tl.constexpr):
     """Writes the entries whose key is >= front to slots 0, 1, ... (those past CAP are dropped) and, with
     TIES, up to `room` entries whose key equals `tie` to slots CAP - 1, CAP - 2, ...; returns how many
     keys were >= front."""
     written = 0
     tied = 0
-    for s0 in range(0, S, BLOCK):
+    for s0 in tl.range(0, S, BLOCK, num_stages=STAGES):  # stages > 1: the next blocks' loads in flight
         offs = s0 + tl.arange(0, BLOCK)
         valid = offs < S
         z = tl.load(z_row + offs, mask=valid, other=0.0)
@@ -101,21 +101,16 @@ def _compact(z_row, out_v, out_i, S, front, tie, room, BLOCK: tl.constexpr, CAP:
 
 
 @triton.jit
-def topk_candidates_kernel(Z, OutV, OutI, S, K, J, STRIDE: tl.constexpr, SAMPLE: tl.constexpr,
-                           BLOCK: tl.constexpr, CAP: tl.constexpr):
-    """CAP candidate slots per bfloat16 row of Z [B, S] that hold the row's K largest (the rest: -inf).
-
-    The threshold is the J-th largest key of every STRIDE-th entry (J x STRIDE ~ 4 K: about 4 K entries
-    pass it), found by bisection in registers; one pass then writes the entries above it. A row where
-    fewer than K or more than CAP pass (rare) bisects over its full keys until a threshold lets K to CAP
-    through, or, when ties make that impossible, takes every key above the K-th largest plus enough of
-    the keys equal to it."""
+def topk_candidates_kernel(Z, OutV, OutI, Count, S, J, STRIDE: tl.constexpr, SAMPLE: tl.constexpr,
+                           BLOCK: tl.constexpr, CAP: tl.constexpr, STAGES: tl.constexpr):
+    """CAP candidate slots per bfloat16 row of Z [B, S] (the rest: -inf), and Count[row], how many keys
+    passed: the threshold is the J-th largest key of every STRIDE-th entry (J x STRIDE ~ 4 K, so about
+    4 K entries pass it), found by bisection in registers; one pass then writes the entries above it.
+    topk_repair_kernel redoes the rows where fewer than K or more than CAP passed."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * S
-    out_v = OutV + row * CAP
-    out_i = OutI + row * CAP
     slots = tl.arange(0, CAP)
-    tl.store(out_v + slots, tl.full([CAP], float("-inf"), dtype=tl.float32).to(OutV.dtype.element_ty))
+    tl.store(OutV + row * CAP + slots, tl.full([CAP], float("-inf"), dtype=tl.float32).to(OutV.dtype.element_ty))
     sample = tl.arange(0, SAMPLE) * STRIDE
     skey = tl.where(sample < S, _order_key(tl.load(z_row + sample, mask=sample < S, other=0.0)), -1)
     lo = 0
@@ -125,16 +120,25 @@ def topk_candidates_kernel(Z, OutV, OutI, S, K, J, STRIDE: tl.constexpr, SAMPLE:
         enough = tl.sum((skey >= mid).to(tl.int32)) >= J
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    n = _compact(z_row, out_v, out_i, S, lo, -1, 0, BLOCK, CAP, False)
+    n = _compact(z_row, OutV + row * CAP, OutI + row * CAP, S, lo, -1, 0, BLOCK, CAP, False, STAGES)
+    tl.store(Count + row, n)
+
+
+@triton.jit
+def topk_repair_kernel(Z, OutV, OutI, Count, S, K, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """The rows of topk_candidates_kernel where fewer than K or more than CAP keys passed (rare; the
+    others return at once): bisect over the row's keys until a threshold lets K to CAP through, or, when
+    ties make that impossible, take every key above the K-th largest plus enough of the keys equal to it."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(Count + row)
     if (n < K) | (n > CAP):
+        z_row = Z + row * S
+        out_v = OutV + row * CAP
+        out_i = OutI + row * CAP
         # invariant: >= K keys are >= lo (more than CAP unless lo = 0), fewer than K (n_hi) are >= hi
+        lo = 0
+        hi = 65536
         n_hi = 0
-        if n < K:
-            hi = lo
-            n_hi = n
-            lo = 0
-        else:
-            hi = 65536
         t = -1
         while (t < 0) & (hi - lo > 1):
             mid = (lo + hi) // 2
@@ -146,8 +150,9 @@ def topk_candidates_kernel(Z, OutV, OutI, S, K, J, STRIDE: tl.constexpr, SAMPLE:
                 lo = mid
             else:
                 t = mid
+        slots = tl.arange(0, CAP)
         tl.store(out_v + slots, tl.full([CAP], float("-inf"), dtype=tl.float32).to(OutV.dtype.element_ty))
         if t >= 0:
-            _compact(z_row, out_v, out_i, S, t, -1, 0, BLOCK, CAP, False)
+            _compact(z_row, out_v, out_i, S, t, -1, 0, BLOCK, CAP, False, 1)
         else:  # every key above lo, then keys equal to lo into the slots left
-            _compact(z_row, out_v, out_i, S, hi, lo, CAP - n_hi, BLOCK, CAP, True)
+            _compact(z_row, out_v, out_i, S, hi, lo, CAP - n_hi, BLOCK, CAP, True, 1)
