@@ -6,7 +6,8 @@
 #
 #   here:        bash scripts/gpu_wheels.sh        # once: SAELens, sparsify and their deps into .whl/
 #   device run:  bash benchmarks/gpu_session.sh [tests] [kernels] [preprocess] [harvest] [train]   carry [".whl"]
-#   PYTEST_ARGS (default: the GPU-relevant suites) and PROFILE (train-step rows to profile) adjust steps.
+#   PYTEST_ARGS (default: the GPU-relevant suites), KERNELS_ARGS (e.g. --only topk), HARVEST_WORKERS (default
+#   "-1 15") and PROFILE (train-step rows to profile) adjust steps.
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -21,10 +22,10 @@ for step in $steps; do
       timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 --tb=short \
         ${PYTEST_ARGS:-tests/sae tests/train tests/models tests/test_harvest.py} > "$out/pytest.txt" 2>&1
       tail -15 "$out/pytest.txt" ;;
-    kernels) python3 benchmarks/kernels.py > "$out/kernels.json" ;;
+    kernels) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$out/kernels.json" ;;
     preprocess) python3 benchmarks/preprocess.py | tee "$out/preprocess.json" ;;
     harvest)
-      for workers in -1 15; do
+      for workers in ${HARVEST_WORKERS:--1 15}; do
         python3 benchmarks/harvest.py --images 8192 --workers $workers 2>/dev/null | tee -a "$out/harvest.json"
       done ;;
     train)
