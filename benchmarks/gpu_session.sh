@@ -26,7 +26,7 @@ for step in $steps; do
     preprocess) python3 benchmarks/preprocess.py | tee "$out/preprocess.json" ;;
     harvest)
       for workers in ${HARVEST_WORKERS:--1 15}; do
-        python3 benchmarks/harvest.py --images 8192 --workers $workers 2>/dev/null | tee -a "$out/harvest.json"
+        python3 benchmarks/harvest.py --images ${HARVEST_IMAGES:-32768} --workers $workers 2>/dev/null | tee -a "$out/harvest.json"
       done ;;
     train)
       python3 benchmarks/train_step.py --shape h100 --profile "${PROFILE:-saex topk}" > "$out/train_step.json" \

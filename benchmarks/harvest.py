@@ -12,6 +12,8 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,17 @@ def build_model(folder: Path, size: str) -> None:
     T.CLIPImageProcessor().save_pretrained(folder)
 
 
+def _write(folder: Path, start: int, stop: int) -> None:
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:05d}.jpg")
+
+
 def write_images(folder: Path, n: int) -> None:
-    rng = np.random.default_rng(0)
+    """n noise JPEGs of 256 x 256 pixels, written by all cores."""
     (folder / "noise").mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(folder / "noise" / f"{i:05d}.jpg")
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_write, repeat(folder / "noise"), range(0, n, 512), [min(n, s + 512) for s in range(0, n, 512)]))
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ Needs CUDA and Triton."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -20,6 +21,24 @@ def _time(fn) -> float:
     import triton.testing
 
     return round(1000 * triton.testing.do_bench(fn, warmup=10, rep=50), 1)
+
+
+@contextlib.contextmanager
+def _tuned(name: str, launch: dict):
+    """Kernel `name` launched with `launch` (the top-k's group size is the dispatcher's TOPK_GROUP)."""
+    from saex.sae.kernels import dispatch, triton_ops
+
+    if name == "topk":
+        default, dispatch.TOPK_GROUP = dispatch.TOPK_GROUP, launch["G"]
+    else:
+        default, triton_ops.TUNING[name] = triton_ops.TUNING[name], launch
+    try:
+        yield
+    finally:
+        if name == "topk":
+            dispatch.TOPK_GROUP = default
+        else:
+            triton_ops.TUNING[name] = default
 
 
 def _grid(**axes):
@@ -35,7 +54,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["topk", "gather", "scatter", "dot"])
     args = parser.parse_args()
     from saex.sae.code import bag_rows
-    from saex.sae.kernels import triton_ops
+    from saex.sae.kernels import dispatch, triton_ops
 
     D, S, B, k = args.d_in, args.d_sae, args.batch, args.k
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -46,21 +65,10 @@ def main() -> None:
     values_N, indices_N = values.reshape(-1), indices.reshape(-1)
     offsets = torch.arange(0, B * k + 1, k, device="cuda")
     rows_N = bag_rows(offsets, B * k)
-    stride, sample, J, cap = triton_ops.topk_plan(S, k)
-    slots_v, slots_i = torch.empty(B, cap, dtype=z.dtype, device="cuda"), torch.empty(B, cap, dtype=torch.int64,
-                                                                                      device="cuda")
-    count = torch.empty(B, dtype=torch.int32, device="cuda")
-
-    def candidates():  # the first kernel alone, at the default launch
-        launch = triton_ops.TUNING["topk"]
-        triton_ops.K.topk_candidates_kernel[(B,)](z, slots_v, slots_i, count, S, J, STRIDE=stride, SAMPLE=sample,
-                                                  CAP=cap, **launch)
-
     cases = {
-        "topk": (lambda: triton_ops.topk_rows(z, k),
-                 _grid(BLOCK=[1024, 2048, 4096], num_warps=[4, 8], STAGES=[1, 3]),
-                 {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False), "candidates kernel alone": candidates,
-                  "torch.topk of the candidates": lambda: slots_v.topk(k, dim=-1, sorted=False)}),
+        "topk": (lambda: dispatch.grouped_topk(z, k, dispatch.TOPK_GROUP), _grid(G=[8, 16, 32, 64]),
+                 {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False),
+                  "group maxima alone": lambda: z.view(B, -1, dispatch.TOPK_GROUP).amax(-1)}),
         "gather": (lambda: triton_ops.gather_sum(W, values_N, indices_N, offsets),
                    _grid(BLOCK_E=[8, 32], BLOCK_D=[256, 512, 1024], num_warps=[4, 8]),
                    {"embedding_bag": lambda: torch.nn.functional.embedding_bag(
@@ -74,19 +82,18 @@ def main() -> None:
                 _grid(BLOCK_E=[16, 32, 64], BLOCK_D=[128, 256, 512], num_warps=[4, 8]),
                 {"gathered product": lambda: (W[indices_N] * x[rows_N]).sum(-1)}),
     }
+    tuning = {**triton_ops.TUNING, "topk": {"G": dispatch.TOPK_GROUP}}
     report = {"device": torch.cuda.get_device_name(), "shape": {"d_in": D, "d_sae": S, "batch": B, "k": k},
-              "default": {name: dict(triton_ops.TUNING[name]) for name in cases}}
+              "default": {name: dict(tuning[name]) for name in cases}}
     for name in args.only:
         run, grid, baselines = cases[name]
-        default = dict(triton_ops.TUNING[name])
         timings = []
         for launch in grid:
-            triton_ops.TUNING[name] = launch
             try:
-                timings.append({**launch, "us": _time(run)})
+                with _tuned(name, launch):
+                    timings.append({**launch, "us": _time(run)})
             except Exception as e:  # a launch that does not fit (registers, shared memory) is reported
                 timings.append({**launch, "error": repr(e)[:200]})
-        triton_ops.TUNING[name] = default
         report[name] = {"default_us": _time(run), **{b: _time(fn) for b, fn in baselines.items()},
                         "grid": sorted(timings, key=lambda t: t.get("us", float("inf")))}
         print(json.dumps({name: report[name]["grid"][:3]}), file=sys.stderr, flush=True)

@@ -83,6 +83,25 @@ def _profile(built, device: torch.device, pattern: str) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
+def _graphed_step(forward, opt):
+    """The whole step (forward, backward, Adam) captured once in a CUDA graph and replayed: what the GPU
+    does when the CPU's launches are out of the way."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (Adam's state, the kernels' compilation)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            forward().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        forward().backward()
+        opt.step()
+    return graph.replay
+
+
 def _adam_step(forward, params, opt=None):
     """A step function: forward() returns the loss; Adam (or `opt`) steps on `params`."""
     opt = opt or torch.optim.Adam(params, lr=1e-4)
@@ -110,19 +129,25 @@ def saex_rows(d, S, B, k, x, device):
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
     environments = {name: {} for name in variants}
-    if device.type == "cuda":  # saex's top-k candidate kernel against torch.topk
+    graphed = set()
+    if device.type == "cuda":  # the grouped top-k against torch.topk; the step's CPU side out of the way
         variants["topk (torch.topk selection)"] = dict(architecture="topk")
         environments["topk (torch.topk selection)"] = {"SAEX_TOPK": "torch"}
+        variants["topk (CUDA graph)"] = dict(architecture="topk")
+        graphed.add("topk (CUDA graph)")
     ctx = TrainContext(sparsity_coefficient=1.0)
     for name, kw in variants.items():
-        def make(kw=kw, env=environments[name]):
+        def make(name=name, kw=kw, env=environments[name]):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
             sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
+            patch = mock.patch.dict(os.environ, env) if env else contextlib.nullcontext()
 
             def forward():  # under bf16 autocast on a GPU, as saex's trainer steps (sparsify autocasts itself)
-                with mock.patch.dict(os.environ, env), torch.autocast("cuda", torch.bfloat16,
-                                                                      enabled=device.type == "cuda"):
+                with patch, torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                     return sae.train_forward(x, ctx).loss
+            if name in graphed:
+                return _graphed_step(forward, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True,
+                                                               capturable=True))
             return _adam_step(forward, None, make_adam(sae.parameters(), 1e-4))
         yield "saex", name, make
 

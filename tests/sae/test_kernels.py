@@ -230,3 +230,27 @@ def test_jumprelu_bfloat16_selection_gives_the_float32_gradients():
     assert torch.allclose(outs[0].loss, outs[1].loss, atol=1e-5)
     for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec", "arch.threshold"):
         assert torch.allclose(*(s.get_parameter(name).grad for s in (ref, fast)), atol=1e-5), name
+
+
+@pytest.mark.parametrize("G, k", [(16, 32), (8, 5), (64, 1)])
+def test_grouped_topk_selects_what_torch_topk_selects(G, k):
+    """Rows with the top k packed into one group, spread one per group, tied in bfloat16 (many equal
+    values inside and at the k-th), all equal, and negative; the values carry z's gradient."""
+    from saex.sae.kernels.dispatch import grouped_topk
+
+    g = torch.Generator().manual_seed(G)
+    S = 64 * G
+    z = torch.randn(6, S, generator=g)
+    z[0, 5 * G: 5 * G + min(k, G)] = 10.0 + torch.arange(min(k, G)).float()  # the largest in one group
+    z[1, ::G] += 20.0  # one large entry in every group
+    z[2, : S // 3] = 1.0  # ties inside the top k
+    z[3] = 0.5
+    z[4] = -z[4].abs()
+    z = z.bfloat16().requires_grad_()
+    values, indices = grouped_topk(z, k, G)
+    expected = z.detach().topk(k, dim=-1).values
+    assert torch.equal(values.detach().float().sort(-1).values, expected.float().sort(-1).values)
+    assert torch.equal(z.detach().gather(1, indices), values.detach())
+    assert all(len(set(row)) == k for row in indices.tolist())
+    values.float().sum().backward()
+    assert torch.equal(z.grad, torch.zeros_like(z).scatter_(1, indices, 1.0))

@@ -25,10 +25,29 @@ def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)
 
 
+TOPK_GROUP = 16
+
+
 def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of each row's k largest, unordered. bfloat16 rows on CUDA go through saex's
-    candidate kernel (triton_ops.topk_rows); SAEX_TOPK=torch keeps torch.topk for them too."""
-    if (os.environ.get("SAEX_TOPK", "auto") != "torch" and z_BS.dtype == torch.bfloat16 and z_BS.dim() == 2
-            and triton_ops.usable(z_BS)):
-        return triton_ops.topk_rows(z_BS, k)
+    """(values, indices) of each row's k largest, unordered, the values carrying z's gradient: through
+    grouped_topk on CUDA (SAEX_TOPK=torch keeps torch.topk there too), torch.topk on CPUs, where the two
+    cost the same (8.2 against 8.3 ms at 1,024 x 6,144 on 2 cores)."""
+    S = z_BS.shape[-1]
+    if (z_BS.is_cuda and z_BS.dim() == 2 and S % TOPK_GROUP == 0 and S // TOPK_GROUP >= 4 * k
+            and os.environ.get("SAEX_TOPK", "auto") != "torch"):
+        return grouped_topk(z_BS, k, TOPK_GROUP)
     return z_BS.topk(k, dim=-1, sorted=False)
+
+
+def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk's selection (ties aside) through the rows' groups of G entries: the k largest entries
+    lie in the k groups with the largest maxima (an entry outside them has k group maxima at least as
+    large above it), so a top-k over the group maxima, then over those k G entries, finds them while
+    reading z once. S must be a multiple of G."""
+    B, S = z_BS.shape
+    z_BgG = z_BS.view(B, S // G, G)
+    groups_BK = z_BgG.detach().amax(-1).topk(k, dim=-1, sorted=False).indices
+    candidates = z_BgG.gather(1, groups_BK[..., None].expand(B, k, G)).reshape(B, k * G)
+    values, slots = candidates.topk(k, dim=-1, sorted=False)
+    entries = (groups_BK[..., None] * G + torch.arange(G, device=z_BS.device)).reshape(B, k * G)
+    return values, entries.gather(1, slots)

@@ -26,8 +26,9 @@ def scatter_rows(X_BD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Te
     values_N = values_N.to(X_BD.dtype)
     G_SB = torch.sparse_coo_tensor(torch.stack([indices_N, rows_N]), values_N, (S, X_BD.shape[0]),
                                    check_invariants=False)
-    return torch.sparse.mm(G_SB, X_BD), torch.zeros(S, dtype=X_BD.dtype, device=X_BD.device).index_add_(
-        0, indices_N, values_N)
+    with torch.autocast(X_BD.device.type, enabled=False):  # a backward under autocast would cast it down
+        out = torch.sparse.mm(G_SB, X_BD)
+    return out, torch.zeros(S, dtype=X_BD.dtype, device=X_BD.device).index_add_(0, indices_N, values_N)
 
 
 def entry_dots(G_MD: torch.Tensor, W_SD: torch.Tensor, indices_N: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,7 @@ TUNING = {
     "gather": {"BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4},
     "scatter": {"BLOCK_E": 4, "BLOCK_D": 512, "num_warps": 4},
     "dot": {"BLOCK_E": 16, "BLOCK_D": 128, "num_warps": 4},
-    "topk": {"BLOCK": 2048, "num_warps": 8, "STAGES": 3},
 }
-MAX_SAMPLE = 8192
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -90,43 +88,6 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> tuple[torch.Tenso
             X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, sums, D, D,
             ACC=_acc(X_BD, values_N), SUMS=True, **TUNING["scatter"])
     return out, sums
-
-
-def topk_plan(S: int, k: int) -> tuple[int, int, int, int]:
-    """(stride, sample, J, cap) of topk_candidates_kernel for rows of S keys: every stride-th key is
-    sampled (at most MAX_SAMPLE of them, a power of two) and the J-th largest sampled key, J x stride ~
-    4 k, is the threshold; cap slots (16 k) hold what passes it. With stride <= k / 2, J >= 8: fewer
-    than k pass about once in a thousand rows, more than cap about never; those rows bisect instead."""
-    stride = 1 << max(0, (k // 2).bit_length() - 1) if k >= 2 else 1
-    stride = min(stride, 16)
-    while triton.next_power_of_2(triton.cdiv(S, stride)) > MAX_SAMPLE:
-        stride *= 2
-    return stride, triton.next_power_of_2(triton.cdiv(S, stride)), max(1, round(4 * k / stride)), \
-        triton.next_power_of_2(16 * k)
-
-
-def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) [B, k] of each bfloat16 row's k largest, unordered: topk_candidates_kernel
-    narrows each row to 16 k candidates in about one pass, torch.topk picks among them. The values are
-    gathered from z, so they carry its gradient."""
-    B, S = z_BS.shape
-    if not 1 <= k <= S:
-        raise ValueError(f"topk_rows: k {k} must be between 1 and the row length {S}")
-    stride, sample, J, cap = topk_plan(S, k)
-    if cap >= S:  # short rows: nothing to narrow
-        return z_BS.topk(k, dim=-1, sorted=False)
-    z = z_BS.detach().contiguous()
-    values = torch.empty(B, cap, dtype=z.dtype, device=z.device)
-    indices = torch.empty(B, cap, dtype=torch.int64, device=z.device)
-    count = torch.empty(B, dtype=torch.int32, device=z.device)
-    launch = dict(TUNING["topk"])
-    repair_launch = {"BLOCK": launch["BLOCK"], "num_warps": launch["num_warps"]}
-    with _on(z):
-        K.topk_candidates_kernel[(B,)](z, values, indices, count, S, J, STRIDE=stride, SAMPLE=sample, CAP=cap,
-                                       **launch)
-        K.topk_repair_kernel[(B,)](z, values, indices, count, S, k, CAP=cap, **repair_launch)
-    indices = indices.gather(1, values.topk(k, dim=-1, sorted=False).indices)
-    return z_BS.gather(1, indices), indices
 
 
 def entry_dots(G_MD, W_SD, indices_N, offsets) -> torch.Tensor:
