@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=65536)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--only", nargs="*", default=["topk", "gather", "scatter", "dot"])
+    parser.add_argument("--only", nargs="*", default=["topk", "group_max", "gather", "scatter", "dot"])
     args = parser.parse_args()
     from saex.sae.code import bag_rows
     from saex.sae.kernels import dispatch, triton_ops
@@ -68,7 +68,9 @@ def main() -> None:
     cases = {
         "topk": (lambda: dispatch.grouped_topk(z, k, dispatch.TOPK_GROUP), _grid(G=[8, 16, 32, 64]),
                  {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False),
-                  "group maxima alone": lambda: z.view(B, -1, dispatch.TOPK_GROUP).amax(-1)}),
+                  "torch amax of the groups": lambda: z.view(B, -1, dispatch.TOPK_GROUP).amax(-1)}),
+        "group_max": (lambda: triton_ops.group_max(z, dispatch.TOPK_GROUP),
+                      _grid(BLOCK=[64, 256, 1024], num_warps=[4, 8]), {}),
         "gather": (lambda: triton_ops.gather_sum(W, values_N, indices_N, offsets),
                    _grid(BLOCK_E=[8, 32], BLOCK_D=[256, 512, 1024], num_warps=[4, 8]),
                    {"embedding_bag": lambda: torch.nn.functional.embedding_bag(

@@ -134,6 +134,7 @@ def saex_rows(d, S, B, k, x, device):
         variants["topk (torch.topk selection)"] = dict(architecture="topk")
         environments["topk (torch.topk selection)"] = {"SAEX_TOPK": "torch"}
         variants["topk (CUDA graph)"] = dict(architecture="topk")
+        environments["topk (CUDA graph)"] = {}
         graphed.add("topk (CUDA graph)")
     ctx = TrainContext(sparsity_coefficient=1.0)
     for name, kw in variants.items():

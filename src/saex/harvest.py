@@ -105,24 +105,38 @@ class _Ordered(torch.utils.data.Dataset):
         return _load(self.dataset, self.strict, int(self.order[i]))
 
 
-def _rows(adapter, batch, good, hooks, tokens, dtype) -> tuple[dict[str, torch.Tensor], int]:
-    """The selected tokens' rows of one batch, and how many tokens the model saw."""
+def _launch(adapter, batch, good, hooks, tokens, dtype) -> tuple[dict[str, torch.Tensor], int, torch.cuda.Event | None]:
+    """Starts one batch: the forward pass, the selected tokens' rows, and on a GPU their copy into pinned
+    host memory, all queued without waiting (the rows are selected by index: a boolean mask would wait
+    for the GPU to count them). Returns the columns, how many tokens the model saw, and the event that
+    marks the copies done (None on the CPU)."""
     if batch is None:
         empty = {acts_column(h.name): torch.empty(0, adapter.d_model, dtype=dtype) for h in hooks}
-        return {**empty, **{k: torch.empty(0, dtype=torch.int64) for k in ("example", "position", "label", "token")}}, 0
+        return {**empty, **{k: torch.empty(0, dtype=torch.int64) for k in ("example", "position", "label", "token")}}, \
+            0, None
     acts = adapter.capture(batch, hooks)
     n_tokens = next(iter(acts.values())).shape[1]
     mask = adapter.select(batch, n_tokens, tokens)
     b, pos = mask.nonzero(as_tuple=True)
-    gpu_mask = mask.to(adapter.device)
-    columns = {acts_column(h): a[gpu_mask].to(dtype).cpu() for h, a in acts.items()}
+    on_gpu = adapter.device.type == "cuda"
+    b_dev, pos_dev = b.to(adapter.device, non_blocking=True), pos.to(adapter.device, non_blocking=True)
+    columns = {}
+    for h, a in acts.items():
+        rows = a[b_dev, pos_dev].to(dtype)
+        if on_gpu:
+            rows = torch.empty(rows.shape, dtype=dtype, pin_memory=True).copy_(rows, non_blocking=True)
+        columns[acts_column(h)] = rows
+    done = None
+    if on_gpu:
+        done = torch.cuda.Event()
+        done.record()
     columns["example"] = torch.tensor([e.index for e in good], dtype=torch.int64)[b]
     columns["position"] = pos.to(torch.int64)
     columns["label"] = torch.tensor([e.label for e in good], dtype=torch.int64)[b]
     token_ids = batch.token_ids_BT[b, pos] if batch.token_ids_BT is not None else torch.full_like(pos, -1)
     columns["token"] = token_ids.to(torch.int64)
     seen = int(batch.attention_BT.sum()) if batch.attention_BT is not None else mask.numel()
-    return columns, seen
+    return columns, seen, done
 
 
 def _default_workers() -> int:
@@ -178,8 +192,11 @@ def harvest(cfg: HarvestConfig) -> dict:
         num_workers=workers, pin_memory=adapter.device.type == "cuda")
     bar = progress(n, f"harvest {Path(cfg.model).name}", "ex", initial=start)
     t0, tokens_seen, rows = time.perf_counter(), 0, 0
-    for good, skipped, batch in batches:
-        columns, seen = _rows(adapter, batch, good, hooks, tokens, STORE_DTYPES[cfg.dtype])
+
+    def finish(good, skipped, columns, seen, done):
+        nonlocal tokens_seen, rows
+        if done is not None:
+            done.synchronize()  # this batch's rows are on the host; the next batch's forward is queued
         writer.add(columns, [e.id for e in good], skipped)
         for s in skipped:
             bar.write(f"skipped unreadable input {s['id']}: {s['reason']}", file=sys.stderr)
@@ -187,6 +204,16 @@ def harvest(cfg: HarvestConfig) -> dict:
         rows += len(columns["example"])
         bar.update(len(good) + len(skipped))
         bar.set_postfix_str(f"{tokens_seen / (time.perf_counter() - t0):,.0f} tok/s")
+
+    # one batch in flight: batch i+1's forward runs on the GPU while batch i's rows are written
+    pending = None
+    for good, skipped, batch in batches:
+        launched = (good, skipped, *_launch(adapter, batch, good, hooks, tokens, STORE_DTYPES[cfg.dtype]))
+        if pending is not None:
+            finish(*pending)
+        pending = launched
+    if pending is not None:
+        finish(*pending)
     bar.close()
     seconds = time.perf_counter() - t0
     rates = {"seconds": seconds, "examples_per_s": (n - start) / seconds, "tokens_per_s": tokens_seen / seconds,

@@ -128,6 +128,12 @@ def compile_for_hopper(values: str) -> None:
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": launch["num_warps"]})
         assert "ld.global" in compiled.asm["ptx"], kernel
+    launch = triton_ops.TUNING["group_max"]
+    constants = {"G": 16, "BLOCK": launch["BLOCK"]}
+    source = ASTSource(kernels.group_max_kernel, {"Z": "*bf16", "Out": "*bf16", "N": "i32", "G": "constexpr",
+                                                  "BLOCK": "constexpr"}, constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
+    assert "ld.global" in compiled.asm["ptx"]
 
 
 
@@ -166,3 +172,20 @@ def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-5), name
+
+
+def test_group_max_matches_torch_amax():
+    z = torch.randn(5, 48 * 16, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
+    z[1, 16:32] = float("-inf")
+    assert torch.equal(triton_ops.group_max(z, 16), z.view(5, 48, 16).amax(-1))
+    assert torch.equal(triton_ops.group_max(z, 8), z.view(5, 96, 8).amax(-1))
+
+
+def test_grouped_topk_through_the_triton_group_maxima(monkeypatch):
+    from saex.sae.kernels import dispatch
+
+    monkeypatch.setattr(triton_ops, "usable", lambda t: True)  # the CUDA route, on CPU tensors when no GPU
+    z = torch.randn(4, 1024, generator=torch.Generator().manual_seed(4)).bfloat16().to(DEVICE)
+    values, indices = dispatch.grouped_topk(z, 20, 16)
+    assert torch.equal(values.float().sort(-1).values, z.topk(20, dim=-1).values.float().sort(-1).values)
+    assert torch.equal(z.gather(1, indices), values)

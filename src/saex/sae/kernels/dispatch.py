@@ -46,7 +46,8 @@ def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> tuple[torch.Tensor, torc
     reading z once. S must be a multiple of G."""
     B, S = z_BS.shape
     z_BgG = z_BS.view(B, S // G, G)
-    groups_BK = z_BgG.detach().amax(-1).topk(k, dim=-1, sorted=False).indices
+    maxima = triton_ops.group_max(z_BS.detach(), G) if triton_ops.usable(z_BS) else z_BgG.detach().amax(-1)
+    groups_BK = maxima.topk(k, dim=-1, sorted=False).indices
     candidates = z_BgG.gather(1, groups_BK[..., None].expand(B, k, G)).reshape(B, k * G)
     values, slots = candidates.topk(k, dim=-1, sorted=False)
     entries = (groups_BK[..., None] * G + torch.arange(G, device=z_BS.device)).reshape(B, k * G)

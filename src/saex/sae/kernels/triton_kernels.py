@@ -53,3 +53,12 @@ def gather_dot_kernel(G, W, I, R, Out, N, D, stride_w,
         w = tl.load(W + idx[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(ACC)
         acc += w * g
     tl.store(Out + offs_e, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=mask_e)
+
+
+@triton.jit
+def group_max_kernel(Z, Out, N, G: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[j] = max of Z[j G : (j + 1) G] for the N groups of a flat Z; one program per BLOCK groups."""
+    groups = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = groups[:, None] * G + tl.arange(0, G)[None, :]
+    z = tl.load(Z + offs, mask=(groups < N)[:, None], other=float("-inf"))
+    tl.store(Out + groups, tl.max(z, axis=1), mask=groups < N)

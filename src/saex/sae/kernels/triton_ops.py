@@ -28,6 +28,7 @@ TUNING = {
     "gather": {"BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4},
     "scatter": {"BLOCK_E": 4, "BLOCK_D": 512, "num_warps": 4},
     "dot": {"BLOCK_E": 16, "BLOCK_D": 128, "num_warps": 4},
+    "group_max": {"BLOCK": 256, "num_warps": 4},
 }
 
 
@@ -88,6 +89,18 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> tuple[torch.Tenso
             X_BD.contiguous(), values_N[order].contiguous(), rows_N[order].contiguous(), starts, out, sums, D, D,
             ACC=_acc(X_BD, values_N), SUMS=True, **TUNING["scatter"])
     return out, sums
+
+
+def group_max(z: torch.Tensor, G: int) -> torch.Tensor:
+    """Maxima of z's consecutive groups of G entries (z contiguous, its last size a multiple of G): one
+    pass at memory speed, where torch's amax over a last dimension of 16 took 2.2 ms for 4,096 x 65,536
+    bfloat16 on an H100 (torch.topk of the whole rows: 2.0 ms)."""
+    z = z.contiguous()
+    out = torch.empty(*z.shape[:-1], z.shape[-1] // G, dtype=z.dtype, device=z.device)
+    n = out.numel()
+    with _on(z):
+        K.group_max_kernel[(triton.cdiv(n, TUNING["group_max"]["BLOCK"]),)](z, out, n, G=G, **TUNING["group_max"])
+    return out
 
 
 def entry_dots(G_MD, W_SD, indices_N, offsets) -> torch.Tensor:
