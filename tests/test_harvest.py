@@ -173,3 +173,23 @@ def test_loader_workers_give_the_same_rows(tmp_path, tiny_model_dir):
     assert main(base + ["--run", str(tmp_path / "w2"), "--workers", "2"]) == 0
     a, b = _columns(tmp_path / "w0" / "acts"), _columns(tmp_path / "w2" / "acts")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_batches_prepared_in_pieces_give_the_same_rows(tmp_path, tiny_model_dir):
+    """With several workers each image batch is prepared in pieces (one per worker) and joined: the rows,
+    skipped inputs and batch boundaries equal a single process's."""
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(23):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "a" / f"{i:02d}.png")
+    (images / "a" / "07.png").write_bytes(b"garbage")
+    base = ["harvest", "--model", str(tiny_model_dir["clip"]), "--dataset", str(images), "--order", "dataset",
+            "--batch-size", "8", "--tokens", "all"]
+    assert main(base + ["--run", str(tmp_path / "w0"), "--workers", "0"]) == 0
+    assert main(base + ["--run", str(tmp_path / "w3"), "--workers", "3"]) == 0
+    a, b = _columns(tmp_path / "w0" / "acts"), _columns(tmp_path / "w3" / "acts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(set(a["example"].tolist())) == 22 and len(a["example"]) % 22 == 0  # every token of 22 images
+    skipped = [ActivationStore(tmp_path / r / "acts").manifest["skipped"] for r in ("w0", "w3")]
+    assert skipped[0] == skipped[1] and len(skipped[0]) == 1

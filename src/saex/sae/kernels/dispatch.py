@@ -25,7 +25,7 @@ def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)
 
 
-TOPK_GROUP = 16
+TOPK_GROUP = 32
 
 
 def topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
