@@ -127,6 +127,7 @@ def saex_rows(d, S, B, k, x, device):
         "topk (dense reference)": dict(architecture="topk", encoder_kernel="dense"),
         "batchtopk": dict(architecture="batchtopk"),
         "jumprelu": dict(architecture="jumprelu"),  # thresholds start at L0 64, as in training
+        "jumprelu (float32 selection)": dict(architecture="jumprelu", select_precision="float32"),
         "relu": dict(architecture="relu"),
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
