@@ -107,13 +107,42 @@ def test_bfloat16_selection_picks_nearly_the_same_latents():
     assert overlap > 0.95
 
 
-@pytest.mark.parametrize("kernel", ["sparse", "dense"])
-def test_auxk_falls_back_to_dense_pre_activations(kernel):
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, k=3, encoder_kernel=kernel))
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead, dead_rows", [(None, slice(0, 5)), (9, slice(0, 5)), (4, slice(0, 0))])
+def test_sparse_auxk_matches_the_dense_autograd_path(arch, n_dead, dead_rows):
+    """AuxK rides in the sparse encode (its entries joined to the kept ones, row by row): the same losses
+    and gradients as the dense path, also when the host's count of the dead is stale (more counted than
+    dead: live latents fill in with zeros; none dead: the AuxK term is 0)."""
+    torch.manual_seed(0)
+    cfgs = [SAEConfig(d_in=8, d_sae=32, k=3, architecture=arch, encoder_kernel=kernel, select_precision="float32")
+            for kernel in ("dense", "sparse")]
+    dense, sparse = SAE(cfgs[0]), SAE(cfgs[1])
+    sparse.load_state_dict(dense.state_dict())
     dead = torch.zeros(32, dtype=torch.bool)
-    dead[:5] = True
-    out = sae.train_forward(torch.randn(10, 8), TrainContext(dead_S=dead))
-    assert "auxk" in out.losses
+    dead[dead_rows] = True
+    x = torch.randn(10, 8)
+    outs = [s.train_forward(x, TrainContext(dead_S=dead, n_dead=n_dead)) for s in (dense, sparse)]
+    assert outs[0].losses.keys() == outs[1].losses.keys() and "auxk" in outs[0].losses
+    for name in outs[0].losses:
+        assert torch.allclose(outs[0].losses[name], outs[1].losses[name], atol=1e-6), name
+    if not dead.any():
+        assert outs[0].losses["auxk"] == 0
+    for o in outs:
+        o.loss.backward()
+    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, atol=1e-5), name
+
+
+def test_join_rows_puts_each_rows_entries_together():
+    from saex.sae.code import Bags, join_rows
+
+    a = Bags(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10, 11, 12, 13]), torch.tensor([0, 2, 2, 4]), 20)
+    b = Bags(torch.tensor([5.0, 6, 7]), torch.tensor([14, 15, 16]), torch.tensor([0, 1, 3, 3]), 20)
+    joined, pos_a, pos_b = join_rows(a, b)
+    assert joined.offsets.tolist() == [0, 3, 5, 7]
+    assert joined.values_N.tolist() == [1, 2, 5, 6, 7, 3, 4]
+    assert joined.indices_N.tolist() == [10, 11, 14, 15, 16, 12, 13]
+    assert torch.equal(joined.values_N[pos_a], a.values_N) and torch.equal(joined.indices_N[pos_b], b.indices_N)
 
 
 def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():

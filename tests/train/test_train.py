@@ -139,3 +139,26 @@ def test_fast_path_trains_as_well_as_the_reference(toy_run, arch):
     assert main(common + ["--name", f"fast-{arch}"]) == 0  # the defaults: sparse kernels, auto precision
     ref, fast = _fvu(run, f"ref-{arch}"), _fvu(run, f"fast-{arch}")
     assert abs(fast - ref) <= 0.01 * ref + 1e-4, (ref, fast)
+
+
+def test_dead_count_waits_for_the_window_then_recounts_every_few_updates():
+    """The host counts the dead without a GPU sync per step: none before `window` tokens have passed,
+    then a count every RECOUNT_EVERY updates; the count survives a checkpoint."""
+    from saex.train.dead import DeadTracker
+
+    tracker = DeadTracker(8, window=100, device="cpu")
+    fired = torch.zeros(8, dtype=torch.bool)
+    fired[:3] = True
+    for _ in range(4):
+        tracker.update(fired, 30)
+        assert tracker.count() == 0 or tracker.total >= 100
+    assert tracker.total == 120 and tracker.count() == 5
+    fired[3] = True  # latent 3 revives: the count lags until the next recount
+    for i in range(tracker.RECOUNT_EVERY):
+        assert tracker.count() == 5, i
+        tracker.update(fired, 30)
+        if i == 10:  # a resumed run keeps the stale count, as the run it continues did
+            restored = DeadTracker(8, window=100, device="cpu")
+            restored.load_state_dict(tracker.state_dict())
+            assert restored.count() == 5 and int(restored.dead().sum()) == 4
+    assert tracker.count() == 4

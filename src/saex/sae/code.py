@@ -62,6 +62,19 @@ class Bags:
         return fired_latents(self.indices_N, self.values_N, self.d_sae)
 
 
+def join_rows(a: Bags, b: Bags) -> tuple[Bags, torch.Tensor, torch.Tensor]:
+    """One bag per row holding a's entries then b's (a and b with the same rows), and the positions of
+    a's and of b's entries among the joined ones (no host sync)."""
+    n_a, n_b = a.indices_N.numel(), b.indices_N.numel()
+    pos_a = torch.arange(n_a, device=a.offsets.device) + b.offsets[bag_rows(a.offsets, n_a)]
+    pos_b = torch.arange(n_b, device=b.offsets.device) + a.offsets[bag_rows(b.offsets, n_b) + 1]
+    order = torch.empty(n_a + n_b, dtype=torch.int64, device=a.offsets.device)
+    order[torch.cat([pos_a, pos_b])] = torch.arange(n_a + n_b, device=a.offsets.device)
+    joined = Bags(torch.cat([a.values_N, b.values_N])[order], torch.cat([a.indices_N, b.indices_N])[order],
+                  a.offsets + b.offsets, a.d_sae)
+    return joined, pos_a, pos_b
+
+
 def bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
     """[n]: the bag of each of n entries grouped by offsets [M + 1] (no host sync)."""
     return torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(offsets.diff(), output_size=n)

@@ -11,25 +11,43 @@ from saex.train.optim import reset_latents
 class DeadTracker:
     """Tokens since each latent last fired; dead past `window` tokens."""
 
+    RECOUNT_EVERY = 64  # updates between the host's counts of the dead (each one waits for the GPU)
+
     def __init__(self, d_sae: int, window: int, device):
         self.window = window
         self.since_S = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.total = 0
+        self.updates = 0
+        self.counted = (0, -1)  # (count, at update): the host's last count of the dead
 
     def update(self, fired_S: torch.Tensor, n_tokens: int) -> None:
         self.since_S += n_tokens
         self.since_S.masked_fill_(fired_S, 0)  # no host sync, unlike boolean indexing
         self.total += n_tokens
+        self.updates += 1
 
     def dead(self) -> torch.Tensor:
         return self.since_S >= self.window
 
+    def count(self) -> int:
+        """How many latents are dead, on the host: 0 while fewer than `window` tokens have passed (none can
+        be dead yet), else counted every RECOUNT_EVERY updates (a latent that dies in between joins AuxK
+        up to that many steps late; one that revives contributes zeros)."""
+        if self.total < self.window:
+            return 0
+        if self.counted[1] < 0 or self.updates - self.counted[1] >= self.RECOUNT_EVERY:
+            self.counted = (int(self.dead().sum()), self.updates)
+        return self.counted[0]
+
     def state_dict(self) -> dict:
-        return {"since_S": self.since_S.cpu(), "total": self.total}
+        return {"since_S": self.since_S.cpu(), "total": self.total, "updates": self.updates,
+                "counted": list(self.counted)}
 
     def load_state_dict(self, state: dict) -> None:
         self.since_S.copy_(state["since_S"])
         self.total = state["total"]
+        self.updates = state.get("updates", 0)
+        self.counted = tuple(state.get("counted", (0, -1)))
 
 
 @torch.no_grad()

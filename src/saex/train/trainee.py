@@ -27,8 +27,9 @@ class Trainee:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_warmup, cfg.lr_decay)
+        n_dead = self.dead.count()
         ctx = TrainContext(cfg.sparsity_coefficient * sparsity_factor(step, cfg.steps, cfg.sparsity_warmup),
-                           self.dead.dead(), self.generator)
+                           self.dead.dead() if n_dead else None, self.generator, n_dead)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and self.device.type == "cuda"
                     else contextlib.nullcontext())
         self.sae.train()

@@ -17,6 +17,14 @@ class TrainContext:
     sparsity_coefficient: float = 0.0  # lambda after its warm-up
     dead_S: torch.Tensor | None = None  # bool: latents that have not fired for the dead window
     generator: torch.Generator | None = None  # for random Matryoshka prefixes
+    n_dead: int | None = None  # how many are dead as the host last counted them (None: count dead_S now)
+
+    def dead_count(self) -> int:
+        """Dead latents on the host's count: the trainer's (recounted every few steps, sparing the GPU a
+        sync per step), or dead_S's when none was given."""
+        if self.dead_S is None:
+            return 0
+        return self.n_dead if self.n_dead is not None else int(self.dead_S.sum())
 
 
 @dataclass

@@ -23,7 +23,7 @@ class ReLU(Architecture):
         else:  # decoder rows are kept at unit norm, so a plain L1
             l1 = f_BS.sum(-1).mean()
         out = dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
-        if self.cfg.ghost_grads and ctx.dead_S is not None and bool(ctx.dead_S.any()):
+        if self.cfg.ghost_grads and ctx.dead_count() > 0:
             out.losses["ghost"] = ghost_grads_loss(sae, x_BD, out.x_hat_BD, z_BS, ctx.dead_S, out.losses["mse"])
         return out
 

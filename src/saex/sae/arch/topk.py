@@ -6,7 +6,7 @@ import torch
 
 from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
-from saex.sae.code import Bags, Code
+from saex.sae.code import Bags, Code, join_rows
 from saex.sae.kernels import decode, sparse_encode
 from saex.sae.kernels.encode import topk_code
 from saex.sae.kernels.precision import select_dtype
@@ -25,28 +25,51 @@ class TopK(Architecture):
         """The training selection: the kept latents' activations, one bag per row."""
         return self.select(z_BS, self.cfg.k).bags()
 
-    def uses_sparse_kernel(self, ctx: TrainContext) -> bool:
-        """The sparse kernel serves every step but AuxK on dead latents and Multi-TopK, which need all of z."""
-        return self.cfg.encoder_kernel == "sparse" and not self.cfg.multi_topk and not self.auxk_active(ctx)
+    def uses_sparse_kernel(self) -> bool:
+        """The sparse kernel serves every step but Multi-TopK's, which needs all of z."""
+        return self.cfg.encoder_kernel == "sparse" and not self.cfg.multi_topk
 
-    def auxk_active(self, ctx: TrainContext) -> bool:
-        return self.cfg.aux_k >= 0 and ctx.dead_S is not None and bool(ctx.dead_S.any())
+    def aux_count(self, sae, ctx: TrainContext) -> int:
+        """AuxK's k this step: 0 without dead latents (on the host's count: no sync here)."""
+        return min(self.cfg.aux_k or sae.d_in // 2, ctx.dead_count(), sae.d_sae) if self.cfg.aux_k >= 0 else 0
 
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        if self.uses_sparse_kernel(ctx):
+        k_aux = self.aux_count(sae, ctx)
+        aux = None
+        if self.uses_sparse_kernel():
             z_BS = None
-            code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept, select_dtype(self.cfg, x_BD))
+            if k_aux:  # the dead latents' top k_aux ride along in the same sparse encode
+                code, aux = self._sparse_with_aux(sae, x_BD, ctx.dead_S, k_aux)
+            else:
+                code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept,
+                                     select_dtype(self.cfg, x_BD))
         else:
             z_BS = sae.pre_acts(x_BD)
             code = self.kept(z_BS)
+            aux = aux_code(z_BS, ctx.dead_S, k_aux).bags() if k_aux else None
         x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
         losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
                           else sum_sq(x_BD, x_hat))}
         if self.cfg.multi_topk:
             losses["multi_topk"] = sum_sq(x_BD, sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
-        if self.auxk_active(ctx):
-            losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, z_BS, ctx.dead_S, self.cfg)
+        if aux is not None:
+            losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, aux, ctx.dead_S)
         return TrainOutput(x_hat, losses, code.fired(), code.l0().mean())
+
+    def _sparse_with_aux(self, sae, x_BD, dead_S, k_aux: int) -> tuple[Bags, Bags]:
+        """The kept code and AuxK's (each row's k_aux largest dead latents) from one sparse encode: both
+        sets of entries in one bag per row, so that the encoder's backward takes both gradients at once."""
+        parts = {}
+
+        def select(z_BS):
+            kept, aux = self.kept(z_BS), aux_code(z_BS, dead_S, k_aux).bags()
+            joined, parts["kept"], parts["aux"] = join_rows(kept, aux)
+            parts["offsets"] = kept.offsets, aux.offsets
+            return joined
+
+        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, select, select_dtype(self.cfg, x_BD))
+        return tuple(Bags(code.values_N[parts[name]], code.indices_N[parts[name]], offsets, sae.d_sae)
+                     for name, offsets in zip(("kept", "aux"), parts["offsets"]))
 
 
 class BatchTopK(TopK):
@@ -102,10 +125,15 @@ def top_n(f_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return candidates[positive], values[positive]
 
 
-def auxk_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, cfg) -> torch.Tensor:
-    """Dead latents reconstruct the residual: ||e - W_dec TopK_aux(z_dead)||^2 / Var(e)."""
+def aux_code(z_BS: torch.Tensor, dead_S: torch.Tensor, k_aux: int) -> Code:
+    """Each row's k_aux largest dead latents, ReLU'd (a live latent, picked when fewer are dead than the
+    host counted, has z = -inf here and keeps 0)."""
+    return topk_code(z_BS.masked_fill(~dead_S, float("-inf")), k_aux)
+
+
+def auxk_loss(sae, x_BD, x_hat_BD, aux: Bags, dead_S) -> torch.Tensor:
+    """Dead latents reconstruct the residual: ||e - W_dec TopK_aux(z_dead)||^2 / Var(e); 0 when no latent
+    is dead any more (the host's count may lag)."""
     e = (x_BD - x_hat_BD).detach()
-    k_aux = min(cfg.aux_k or sae.d_in // 2, int(dead_S.sum()))
-    values, indices = z_BS.masked_fill(~dead_S, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-    e_hat = sae.decode(Code(torch.relu(values), indices, sae.d_sae), bias=False)
-    return sum_sq(e, e_hat) / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    e_hat = decode(sae.W_dec, aux.values_N, aux.indices_N, aux.offsets)
+    return sum_sq(e, e_hat) / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12) * dead_S.any()
