@@ -153,8 +153,8 @@ def test_kernels_compile_for_an_h100(values):
                                          ("jumprelu", {"jumprelu_bandwidth": 0.5, "select_precision": "bfloat16"}),
                                          ("topk", {"matryoshka": "fixed"})])
 def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch, arch, extra):
-    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows) routed through the Triton
-    launchers, run by the interpreter on CPU tensors, against the torch path."""
+    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows, AuxK on ten dead latents)
+    routed through the Triton launchers, run by the interpreter on CPU tensors, against the torch path."""
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
 
@@ -166,7 +166,7 @@ def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch
         torch.manual_seed(1)
         sae = SAE(cfg)
         sae.arch.init_from_data(sae, x)
-        out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1))
+        out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1, dead_S=torch.arange(64) < 10))
         out.loss.backward()
         grads.append({n: p.grad for n, p in sae.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
