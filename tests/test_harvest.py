@@ -175,6 +175,16 @@ def test_loader_workers_give_the_same_rows(tmp_path, tiny_model_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_pieces_left_uint8_are_finished_when_others_came_finished(tiny_model_dir):
+    from saex.harvest import _join
+    from saex.models import load_model
+
+    adapter = load_model(str(tiny_model_dir["clip"]))
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    joined = _join([pixels[:2], adapter.finish_pixels(pixels[2:])], adapter)
+    assert torch.equal(joined, adapter.finish_pixels(pixels))
+
+
 def test_image_batches_prepared_in_pieces_give_the_same_rows(tmp_path, tiny_model_dir):
     """With several workers each image batch is prepared in pieces (one per worker) and joined: the rows,
     skipped inputs and batch boundaries equal a single process's."""

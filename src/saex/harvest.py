@@ -128,9 +128,9 @@ def _launch(adapter, batch, good, hooks, tokens, dtype) -> tuple[dict[str, torch
             rows = torch.empty(rows.shape, dtype=dtype, pin_memory=True).copy_(rows, non_blocking=True)
         columns[acts_column(h)] = rows
     done = None
-    if on_gpu:
+    if on_gpu:  # on the model's device's stream, where the copies were queued (not cuda:0's)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(adapter.device))
     columns["example"] = torch.tensor([e.index for e in good], dtype=torch.int64)[b]
     columns["position"] = pos.to(torch.int64)
     columns["label"] = torch.tensor([e.label for e in good], dtype=torch.int64)[b]
@@ -146,7 +146,7 @@ def _split(r: range, n: int) -> list[range]:
     return [r[i:i + size] for i in range(0, len(r), size)]
 
 
-def _whole_batches(pieces, counts: list[int], device: torch.device):
+def _whole_batches(pieces, counts: list[int], adapter):
     """The forward batches, each joined from its `counts[i]` pieces (on the model's device, where the
     pinned pieces copy without blocking)."""
     for count in counts:
@@ -155,9 +155,17 @@ def _whole_batches(pieces, counts: list[int], device: torch.device):
         skipped = [s for part in parts for s in part[1]]
         prepared = [part[2] for part in parts if part[2] is not None]
         if len(prepared) > 1:  # images only (text is never split): pixel tensors of one shape
-            prepared = [Batch({k: torch.cat([b.inputs[k].to(device, non_blocking=True) for b in prepared])
-                               for k in prepared[0].inputs})]
+            prepared = [Batch({k: _join([b.inputs[k].to(adapter.device, non_blocking=True) for b in prepared],
+                                        adapter) for k in prepared[0].inputs})]
         yield good, skipped, prepared[0] if prepared else None
+
+
+def _join(tensors: list[torch.Tensor], adapter) -> torch.Tensor:
+    """One batch from its pieces' pixels; pieces that prepare() left as uint8 are finished first when
+    others came finished (a processor whose resize gave fractions for some images only)."""
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [adapter.finish_pixels(t) if t.dtype == torch.uint8 else t for t in tensors]
+    return torch.cat(tensors)
 
 
 def _default_workers() -> int:
@@ -215,7 +223,7 @@ def harvest(cfg: HarvestConfig) -> dict:
         batch_sampler=[piece for r in batch_ranges for piece in _split(r, n_pieces)],
         collate_fn=partial(_collate, partial(adapter.prepare, context_size=cfg.context_size)),
         num_workers=workers, pin_memory=adapter.device.type == "cuda")
-    batches = _whole_batches(iter(pieces), [len(_split(r, n_pieces)) for r in batch_ranges], adapter.device)
+    batches = _whole_batches(iter(pieces), [len(_split(r, n_pieces)) for r in batch_ranges], adapter)
     bar = progress(n, f"harvest {Path(cfg.model).name}", "ex", initial=start)
     t0, tokens_seen, rows = time.perf_counter(), 0, 0
 

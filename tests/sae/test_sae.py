@@ -93,6 +93,11 @@ def test_auxk_and_ghost_grads_only_with_dead_latents():
     assert "auxk" not in _sae("topk").train_forward(x, TrainContext(0.0, torch.zeros(40, dtype=torch.bool))).losses
     ghost = _sae("relu", ghost_grads=True).train_forward(x, TrainContext(1.0, dead)).losses["ghost"]
     ghost.backward()
+    # the host counted dead latents that have since revived: the terms are there, and zero
+    none = torch.zeros(40, dtype=torch.bool)
+    for arch, term in (("topk", "auxk"), ("relu", "ghost")):
+        sae = _sae(arch, ghost_grads=True) if arch == "relu" else _sae(arch)
+        assert sae.train_forward(x, TrainContext(1.0, none, n_dead=10)).losses[term] == 0
 
 
 def test_matryoshka_prefixes():

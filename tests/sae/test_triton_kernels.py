@@ -177,8 +177,11 @@ def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch
 def test_group_max_matches_torch_amax():
     z = torch.randn(5, 48 * 16, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
     z[1, 16:32] = float("-inf")
-    assert torch.equal(triton_ops.group_max(z, 16), z.view(5, 48, 16).amax(-1))
-    assert torch.equal(triton_ops.group_max(z, 8), z.view(5, 96, 8).amax(-1))
+    z[2, 40] = float("nan")  # a NaN is the largest, as torch.amax has it
+    for G in (16, 8):
+        expected = z.view(5, -1, G).amax(-1)
+        torch.testing.assert_close(triton_ops.group_max(z, G), expected, rtol=0, atol=0, equal_nan=True)
+        assert expected.isnan().sum() == 1
 
 
 def test_grouped_topk_through_the_triton_group_maxima(monkeypatch):

@@ -93,7 +93,7 @@ class ModelAdapter:
             images = [im if im.mode == mode else im.convert(mode) for im in inputs]
             pixels = self.processor(images=images, return_tensors="pt", **self._deferred)["pixel_values"]
             if self._deferred:  # integral values after a PIL resize: uint8; otherwise finish here
-                pixels = pixels.to(torch.uint8) if torch.equal(pixels, pixels.round()) else self._finish(pixels)
+                pixels = pixels.to(torch.uint8) if torch.equal(pixels, pixels.round()) else self.finish_pixels(pixels)
             return Batch({"pixel_values": pixels})
         if self.max_tokens:
             context_size = min(context_size, self.max_tokens)
@@ -102,7 +102,7 @@ class ModelAdapter:
         model_inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         return Batch(model_inputs, enc["attention_mask"], enc["special_tokens_mask"], enc["input_ids"])
 
-    def _finish(self, pixels: torch.Tensor) -> torch.Tensor:
+    def finish_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Rescale and normalise as the processor would have, in one fused float32 pass:
         (x r - mean) / std = x (r / std) - mean / std."""
         p = self.processor
@@ -117,7 +117,7 @@ class ModelAdapter:
         inputs = {}
         for k, v in batch.inputs.items():
             if k == "pixel_values" and v.dtype == torch.uint8:
-                v = self._finish(v.to(self.device, non_blocking=True))
+                v = self.finish_pixels(v.to(self.device, non_blocking=True))
             inputs[k] = (v.to(self.device, self.dtype, non_blocking=True) if v.is_floating_point()
                          else v.to(self.device, non_blocking=True))
         return Batch(inputs, batch.attention_BT, batch.special_BT, batch.token_ids_BT)

@@ -37,9 +37,10 @@ class ReLU(Architecture):
 
 
 def ghost_grads_loss(sae, x_BD, x_hat_BD, z_BS, dead_S, mse) -> torch.Tensor:
-    """Dead latents, activated by exp, learn to reconstruct the residual, scaled to its norm (seed 002)."""
+    """Dead latents, activated by exp, learn to reconstruct the residual, scaled to its norm (seed 002);
+    0 when none is dead any more (the host's count of the dead may lag)."""
     residual = (x_BD - x_hat_BD).detach()
     ghost = torch.exp(z_BS[:, dead_S]) @ sae.W_dec[dead_S]
     scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-6)
     ghost_mse = sum_sq(residual, ghost * scale.detach())
-    return (mse / (ghost_mse + 1e-6)).detach() * ghost_mse
+    return (mse / (ghost_mse + 1e-6)).detach() * ghost_mse * dead_S.any()

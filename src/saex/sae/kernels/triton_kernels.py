@@ -61,4 +61,6 @@ def group_max_kernel(Z, Out, N, G: tl.constexpr, BLOCK: tl.constexpr):
     groups = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     offs = groups[:, None] * G + tl.arange(0, G)[None, :]
     z = tl.load(Z + offs, mask=(groups < N)[:, None], other=float("-inf"))
-    tl.store(Out + groups, tl.max(z, axis=1), mask=groups < N)
+    zf = z.to(tl.float32)  # (compared in float32: the interpreter compares bfloat16 by its bits)
+    nan = tl.max((zf != zf).to(tl.int32), axis=1) > 0  # a NaN is the largest, as torch.amax and torch.topk have it
+    tl.store(Out + groups, tl.where(nan, float("nan"), tl.max(z, axis=1)).to(Out.dtype.element_ty), mask=groups < N)
