@@ -92,3 +92,29 @@ def test_manifest_records_rows_and_shards(tmp_path):
     assert m["rows"] == 35 and m["examples"] == 35 and m["complete"]
     assert m["columns"]["acts.h"] == {"dtype": "bfloat16", "shape": [4]}
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
+
+
+def test_shuffled_batches_are_the_permuted_window_rows(tmp_path):
+    """Batches gathered from the shards equal the rows of the concatenated window, permuted by the same
+    draws (what the stream was before it stopped concatenating windows), carry and resume included."""
+    import numpy as np
+
+    _write(tmp_path, n_batches=6, batch=7, shard_rows=6)  # shards of 7 rows
+    store = ActivationStore(tmp_path)
+    rows = torch.cat([store.shard(i, "example") for i in range(len(store.shards))])
+    for batch_size, window_rows in ((3, 15), (5, 100)):
+        stream = store.iter_shuffled("example", batch_size, seed=3, window_rows=window_rows)
+        rng = np.random.default_rng([3, 0])
+        order = rng.permutation(len(store.shards))
+        expected, carry, start = [], rows[:0], 0
+        while start < len(order):  # the first epoch, window by window, as the docstring has it
+            stop, n = start, 0
+            while stop < len(order) and (n == 0 or n + store.shards[order[stop]]["rows"] <= window_rows):
+                n += store.shards[order[stop]]["rows"]
+                stop += 1
+            window = torch.cat([carry] + [store.shard(int(i), "example") for i in order[start:stop]])
+            window = window[torch.from_numpy(rng.permutation(len(window)))]
+            full = len(window) // batch_size * batch_size
+            expected += list(window[:full].split(batch_size))
+            carry, start = window[full:], stop
+        assert all(torch.equal(next(stream), e) for e in expected)
