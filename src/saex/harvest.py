@@ -119,17 +119,13 @@ def _launch(adapter, batch, good, hooks, tokens, dtype) -> tuple[dict[str, torch
     n_tokens = next(iter(acts.values())).shape[1]
     mask = adapter.select(batch, n_tokens, tokens)
     b, pos = mask.nonzero(as_tuple=True)
-    on_gpu = adapter.device.type == "cuda"
     b_dev, pos_dev = b.to(adapter.device, non_blocking=True), pos.to(adapter.device, non_blocking=True)
-    columns = {}
-    for h, a in acts.items():
-        rows = a[b_dev, pos_dev].to(dtype)
-        if on_gpu:
-            rows = torch.empty(rows.shape, dtype=dtype, pin_memory=True).copy_(rows, non_blocking=True)
-        columns[acts_column(h)] = rows
+    columns = {acts_column(h): a[b_dev, pos_dev].to(dtype) for h, a in acts.items()}
     done = None
-    if on_gpu:  # on the model's device's stream, where the copies were queued (not cuda:0's)
-        done = torch.cuda.Event()
+    if adapter.device.type == "cuda":
+        for name, rows in list(columns.items()):
+            columns[name] = torch.empty(rows.shape, dtype=dtype, pin_memory=True).copy_(rows, non_blocking=True)
+        done = torch.cuda.Event()  # on the model's device's stream, where the copies were queued (not cuda:0's)
         done.record(torch.cuda.current_stream(adapter.device))
     columns["example"] = torch.tensor([e.index for e in good], dtype=torch.int64)[b]
     columns["position"] = pos.to(torch.int64)
@@ -217,13 +213,13 @@ def harvest(cfg: HarvestConfig) -> dict:
     # images: each batch is prepared in pieces, one per worker, so that the first batch is ready after a
     # worker's share of it, not a whole batch's worth of decoding (1.1 s for 256 images on one core)
     n_pieces = workers if adapter.modality == "image" and workers > 1 else 1
-    batch_ranges = [range(b, min(b + cfg.batch_size, n)) for b in range(start, n, cfg.batch_size)]
+    splits = [_split(range(b, min(b + cfg.batch_size, n)), n_pieces) for b in range(start, n, cfg.batch_size)]
     pieces = torch.utils.data.DataLoader(
         _Ordered(dataset, order, cfg.strict),
-        batch_sampler=[piece for r in batch_ranges for piece in _split(r, n_pieces)],
+        batch_sampler=[piece for split in splits for piece in split],
         collate_fn=partial(_collate, partial(adapter.prepare, context_size=cfg.context_size)),
         num_workers=workers, pin_memory=adapter.device.type == "cuda")
-    batches = _whole_batches(iter(pieces), [len(_split(r, n_pieces)) for r in batch_ranges], adapter)
+    batches = _whole_batches(iter(pieces), [len(split) for split in splits], adapter)
     bar = progress(n, f"harvest {Path(cfg.model).name}", "ex", initial=start)
     t0, tokens_seen, rows = time.perf_counter(), 0, 0
 
