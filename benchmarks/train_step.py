@@ -9,7 +9,8 @@ Needs the bench extra (pip install 'saex[bench]': sparsify and SAELens); a libra
 is left out of the table. Every row steps with Adam. On a GPU, saex's rows run under bf16 autocast as
 its trainer does, sparsify autocasts its own forward, and SAELens runs in its default float32 and, in
 a second row per architecture, under bf16 autocast; ratios are taken against SAELens' faster row. Add
---profile to see where a row's step spends its time."""
+--profile to see where a row's step spends its time, --allocator tuned to time every library with the
+glibc thresholds that saex's trainer sets on CPUs."""
 
 from __future__ import annotations
 
@@ -211,7 +212,13 @@ def main() -> None:
     parser.add_argument("--profile", default=None, metavar="TEXT",
                         help="after timing, profile the rows whose 'library architecture' contains TEXT "
                              "(several: comma-separated); the top kernels go to stderr")
+    parser.add_argument("--allocator", choices=("default", "tuned"), default="default",
+                        help="the process's glibc allocator: as it starts (default), or with the raised "
+                             "thresholds saex's trainer sets on CPUs (saex.train.host), for every library alike")
     args = parser.parse_args()
+    if args.allocator == "tuned":
+        from saex.train.host import tune_allocator
+        tune_allocator()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d, S, B, k = SHAPES[args.shape]
     torch.manual_seed(0)
@@ -243,7 +250,7 @@ def main() -> None:
     if ("saex", "topk") in peaks and ("sparsify", "topk (adam)") in peaks:
         ratios["topk peak memory / sparsify"] = round(peaks[("saex", "topk")] / peaks[("sparsify", "topk (adam)")], 2)
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "threads": torch.get_num_threads(), "shape": {"d_in": d, "d_sae": S, "batch": B, "k": k},
+                      "threads": torch.get_num_threads(), "allocator": args.allocator, "shape": {"d_in": d, "d_sae": S, "batch": B, "k": k},
                       "rows": table, "ratios": ratios, "skipped": skipped}, indent=2))
 
 

@@ -283,3 +283,28 @@ def test_grouped_topk_selects_what_torch_topk_selects(G, k):
     assert all(len(set(row)) == k for row in indices.tolist())
     values.float().sum().backward()
     assert torch.equal(z.grad, torch.zeros_like(z).scatter_(1, indices, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cpu_relu_topk_ranks_like_torch_topk_of_the_relu(dtype):
+    """The integer-key ranking: large and tiny positives, ties, -inf, rows with fewer than k positive
+    entries (padded with zeros) and rows all negative; the values carry z's gradient."""
+    from saex.sae.kernels.dispatch import relu_topk_rows
+
+    g = torch.Generator().manual_seed(3)
+    k, S = 7, 200
+    z = torch.randn(6, S, generator=g) * torch.logspace(-3, 3, S)[torch.randperm(S, generator=g)]
+    z[1, :50] = 0.25  # ties across the k-th
+    z[2] = -z[2].abs()
+    z[2, [3, 9]] = torch.tensor([2.0, 1e-4])  # two positives among negatives
+    z[3] = float("-inf")
+    z[4, ::3] = float("-inf")
+    z = z.to(dtype).requires_grad_()
+    values, indices = relu_topk_rows(z, k)
+    expected = torch.relu(z.detach()).topk(k, dim=-1).values
+    assert torch.equal(values.detach().sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(torch.relu(z.detach().gather(1, indices)), values.detach())
+    assert all(len(set(row)) == k for row in indices.tolist())
+    values.sum().backward()
+    positive = z.detach().gather(1, indices) > 0
+    assert torch.equal(z.grad, torch.zeros_like(z).scatter_(1, indices, positive.to(dtype)))

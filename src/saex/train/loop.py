@@ -20,6 +20,7 @@ from saex.sae.init import decoder_bias, input_scale
 from saex.sae.io import CFG, save_sae
 from saex.store import ActivationStore
 from saex.train.config import TrainConfig, expand_sweep
+from saex.train.host import tune_allocator
 from saex.train.trainee import Trainee
 
 INIT_SAMPLE = 1 << 14  # rows used for the input scale and the decoder-bias init
@@ -60,6 +61,8 @@ def train(cfg: TrainConfig) -> list[Path]:
             return list(outputs.values())
         raise ValueError(f"SAEs {done} already exist in {run / 'saes'}; use --overwrite or other names")
     device = _device(cfg.device)
+    if device.type == "cpu":
+        tune_allocator()
 
     torch.manual_seed(cfg.seed)
     rows = np.random.default_rng(cfg.seed).choice(len(store), min(INIT_SAMPLE, len(store)), replace=False)

@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from saex.sae.code import Bags, Code
-from saex.sae.kernels.dispatch import backend, topk_rows
+from saex.sae.kernels.dispatch import backend, relu_topk_rows
 
 Select = Callable[[torch.Tensor], Bags]
 
@@ -97,8 +97,7 @@ def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype
 
 def topk_code(z_BS: torch.Tensor, k: int) -> Code:
     """TopK(ReLU(z)) in top-k form, through the one top-k entry point (saex's kernel where opted in)."""
-    values, indices = topk_rows(z_BS, k)
-    return Code(torch.relu(values), indices, z_BS.shape[-1])
+    return Code(*relu_topk_rows(z_BS, k), z_BS.shape[-1])
 
 
 def topk_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
