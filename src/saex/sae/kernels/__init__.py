@@ -13,7 +13,7 @@ decoder and the encoder alike:
 - the gradient of `decode` with respect to the values (a dot product per entry).
 
 Two backends give the same numbers: Triton kernels on CUDA tensors (`triton_ops`), and a vectorised
-torch path (embedding bags and a sparse product) everywhere else (`torch_ops`). `SAEX_KERNELS=torch`
+torch path (embedding bags and their backward kernels) everywhere else (`torch_ops`). `SAEX_KERNELS=torch`
 forces the torch path."""
 
 from saex.sae.kernels.dispatch import backend, decode

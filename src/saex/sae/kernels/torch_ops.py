@@ -31,9 +31,11 @@ def scatter_rows(X_BD: torch.Tensor, values_N: torch.Tensor, indices_N: torch.Te
     wider (as the Triton path), and each latent's sum of values -> [S]."""
     X_BD = X_BD.to(torch.promote_types(X_BD.dtype, torch.float32))
     values_N = values_N.to(X_BD.dtype)
-    unused = rows_N.new_empty(0)  # bag sizes and arg-max positions serve the mean and max modes only
-    out = torch.ops.aten._embedding_bag_dense_backward(X_BD, indices_N, rows_N, unused, unused, S, False, _SUM,
-                                                        values_N, -1)
+    # the bags' sizes serve the mean mode only and the arg-max positions the max mode: given all the same
+    bag_sizes = torch.zeros(X_BD.shape[0], dtype=rows_N.dtype, device=rows_N.device).index_add_(
+        0, rows_N, torch.ones_like(rows_N))
+    out = torch.ops.aten._embedding_bag_dense_backward(X_BD, indices_N, rows_N, bag_sizes, bag_sizes, S, False,
+                                                        _SUM, values_N, -1)
     return out, torch.zeros(S, dtype=X_BD.dtype, device=X_BD.device).index_add_(0, indices_N, values_N)
 
 
