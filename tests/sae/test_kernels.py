@@ -308,3 +308,29 @@ def test_cpu_relu_topk_ranks_like_torch_topk_of_the_relu(dtype):
     values.sum().backward()
     positive = z.detach().gather(1, indices) > 0
     assert torch.equal(z.grad, torch.zeros_like(z).scatter_(1, indices, positive.to(dtype)))
+
+
+def test_cpu_relu_topk_picks_a_nan_as_torch_topk_does():
+    """inf - inf is a NaN with its sign bit set on x86: read as an integer it would rank below every
+    positive entry; torch.topk ranks it largest, and so must the CPU path (a diverged latent shows)."""
+    from saex.sae.kernels.dispatch import relu_topk_rows
+
+    z = torch.rand(4, 3, 64)  # three dimensions, as an encode over [batch, seq, d]
+    nan = torch.tensor(float("inf")) - torch.tensor(float("inf"))
+    z[1, 2, 17] = nan
+    for dtype in (torch.float32, torch.bfloat16):
+        values, indices = relu_topk_rows(z.to(dtype), 5)
+        assert indices[1, 2].eq(17).any()
+        assert values.isnan().sum() == 1
+        expected = torch.relu(z.to(dtype)).topk(5, dim=-1).indices
+        assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
+
+
+def test_torch_path_refuses_an_out_of_range_latent_by_value():
+    """aten's kernels would write past the gradient's end; the torch path names the bad index instead."""
+    from saex.sae.kernels import torch_ops
+
+    with pytest.raises(IndexError, match=r"\[0, 600\); got 700"):
+        torch_ops.scatter_rows(torch.randn(2, 4), torch.randn(2), torch.tensor([0, 700]), torch.tensor([0, 1]), 600)
+    with pytest.raises(IndexError, match=r"\[0, 600\); got -1"):
+        torch_ops.entry_dots(torch.randn(1, 4), torch.randn(600, 4), torch.tensor([3, -1]), torch.tensor([0, 2]))

@@ -126,8 +126,8 @@ def top_n(f_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def aux_code(z_BS: torch.Tensor, dead_S: torch.Tensor, k_aux: int) -> Code:
-    """Each row's k_aux largest dead latents, ReLU'd (a live latent, picked when fewer are dead than the
-    host counted, has z = -inf here and keeps 0)."""
+    """Each row's k_aux largest dead latents, ReLU'd (live latents have z = -inf here: one that pads a row
+    with fewer than k_aux positive dead latents keeps 0, and so adds nothing and gets no gradient)."""
     return topk_code(z_BS.masked_fill(~dead_S, float("-inf")), k_aux)
 
 
