@@ -6,9 +6,10 @@ timed in rounds (every row takes a few steps per round), so that the machine's d
     .venv/bin/python benchmarks/train_step.py --shape h100  # d 1,024, 65,536 latents, batch 4,096, k 32
 
 Needs the bench extra (pip install 'saex[bench]': sparsify and SAELens); a library that is missing
-is left out of the table. Every row steps with Adam. On a GPU, saex's rows run under bf16 autocast as
-its trainer does, sparsify autocasts its own forward, and SAELens runs in its default float32 and, in
-a second row per architecture, under bf16 autocast; ratios are taken against SAELens' faster row. Add
+is left out of the table. Every row steps with Adam. saex's rows run under bf16 autocast where the
+hardware multiplies bf16 natively (GPUs, CPUs with AVX512-BF16 or AMX), as its trainer does; sparsify
+autocasts its own forward on a GPU; SAELens runs in its default float32 and, where bf16 is native, in
+a second row per architecture under bf16 autocast; ratios are taken against SAELens' faster row. Add
 --profile to see where a row's step spends its time, --allocator tuned to time every library with the
 glibc thresholds that saex's trainer sets on CPUs."""
 
@@ -120,6 +121,7 @@ def _adam_step(forward, params, opt=None):
 def saex_rows(d, S, B, k, x, device):
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
+    from saex.sae.kernels.precision import native_bfloat16
     from saex.train.optim import make_adam
 
     variants = {
@@ -129,7 +131,8 @@ def saex_rows(d, S, B, k, x, device):
         "batchtopk": dict(architecture="batchtopk"),
         "jumprelu": dict(architecture="jumprelu"),  # thresholds start at L0 64, as in training
         "jumprelu (float32 selection)": dict(architecture="jumprelu", select_precision="float32"),
-        "relu": dict(architecture="relu"),
+        "relu": dict(architecture="relu"),  # a fresh SAE: about half the latents fire, the dense path serves
+        "relu (L0 64)": dict(architecture="relu"),  # as once the L1 has made codes sparse: the sparse kernels
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
     }
     environments = {name: {} for name in variants}
@@ -145,10 +148,13 @@ def saex_rows(d, S, B, k, x, device):
         def make(name=name, kw=kw, env=environments[name]):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
             sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
+            if "L0 64" in name:  # each latent fires on 64 / S of the batch
+                with torch.no_grad():
+                    sae.b_enc -= torch.quantile(sae.pre_acts(x), 1 - 64 / S, dim=0)
             patch = mock.patch.dict(os.environ, env) if env else contextlib.nullcontext()
 
-            def forward():  # under bf16 autocast on a GPU, as saex's trainer steps (sparsify autocasts itself)
-                with patch, torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            def forward():  # under bf16 autocast where it is native, as saex's trainer steps
+                with patch, torch.autocast(device.type, torch.bfloat16, enabled=native_bfloat16(device)):
                     return sae.train_forward(x, ctx).loss
             if name in graphed:
                 return _graphed_step(forward, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True,
@@ -187,8 +193,10 @@ def saelens_rows(d, S, B, k, x, device):
         "matryoshka batchtopk": lambda: MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=d, d_sae=S, k=k, device=dev, matryoshka_widths=[S // 16, S // 8, S // 4, S // 2, S])),
     }
-    # float32 is SAELens' default; on a GPU its runner can also autocast to bf16 (as saex's rows do)
-    precisions = [False, True] if device.type == "cuda" else [False]
+    # float32 is SAELens' default; its runner can also autocast to bf16 on a GPU, and we give it the same
+    # autocast as saex's rows wherever bf16 is native (CPUs with AVX512-BF16 too)
+    from saex.sae.kernels.precision import native_bfloat16
+    precisions = [False, True] if native_bfloat16(device) else [False]
     for (name, build), autocast in ((m, a) for a in precisions for m in models.items()):
         def make(build=build, autocast=autocast):
             sae = build()
@@ -197,7 +205,7 @@ def saelens_rows(d, S, B, k, x, device):
                                  is_logging_step=False)
 
             def forward():
-                with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     return sae.training_forward_pass(inp).loss
             return _adam_step(forward, sae.parameters())
         yield "saelens", f"{name} (bf16 autocast)" if autocast else name, make

@@ -166,17 +166,64 @@ def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_jumprelu_takes_the_dense_path_after_a_dense_step():
-    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_threshold=-10.0))  # every latent fires
+@pytest.mark.parametrize("variant", ["april", "classic"])
+def test_relu_sparse_path_matches_dense_autograd(variant):
+    """Once ReLU's codes are sparse its step takes the sparse kernels: the same code, losses (MSE and the
+    L1, weighted by decoder norms or not) and gradients as plain autograd."""
+    torch.manual_seed(0)
+    kw = dict(d_in=16, d_sae=64, architecture="relu", l1_variant=variant, select_precision="float32")
+    dense, sparse = SAE(SAEConfig(encoder_kernel="dense", **kw)), SAE(SAEConfig(encoder_kernel="sparse", **kw))
+    with torch.no_grad():
+        dense.b_enc.uniform_(-0.3, 0.1)
+        dense.W_dec.mul_(torch.rand(64, 1) + 0.5)  # unequal decoder norms, for the april L1's weights
+    sparse.load_state_dict(dense.state_dict())
+    sparse.arch.recent_l0.zero_()  # as after a sparse step
+    x = torch.randn(32, 16)
+    outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (dense, sparse)]
+    assert 0 < float(outs[1].l0) < 32 and torch.allclose(outs[0].l0, outs[1].l0)
+    assert torch.equal(outs[0].fired_S, outs[1].fired_S)
+    assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
+    for name in ("mse", "sparsity"):
+        assert torch.allclose(outs[0].losses[name], outs[1].losses[name], atol=1e-6), name
+    for o in outs:
+        o.loss.backward()
+    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec"):
+        a, b = (s.get_parameter(name).grad for s in (dense, sparse))
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch, quiet, loud", [("jumprelu", ("threshold", 10.0), ("threshold", -10.0)),
+                                               ("relu", ("b_enc", -10.0), ("b_enc", 10.0))])
+def test_density_routing_follows_the_last_steps_l0(arch, quiet, loud):
+    """The first step is dense (L0 unknown), a step after a sparse one takes the sparse kernels, a step
+    after a dense one (every latent firing) autograd; both paths give the same reconstruction."""
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture=arch, jumprelu_init_l0=0, select_precision="float32"))
     paths = []
-    for name in ("_sparse_forward", "_dense_forward"):
+    for name in ("sparse_forward", "dense_forward"):
         method = getattr(sae.arch, name)
         setattr(sae.arch, name, lambda *a, m=method, n=name: paths.append(n) or m(*a))
     x = torch.randn(8, 16)
-    first = sae.train_forward(x, TrainContext())
-    second = sae.train_forward(x, TrainContext())
-    assert paths == ["_sparse_forward", "_dense_forward"] and float(sae.arch.recent_l0) == 64.0
+
+    def step(setting):
+        with torch.no_grad():
+            sae.get_parameter(setting[0] if setting[0] == "b_enc" else f"arch.{setting[0]}").fill_(setting[1])
+        return sae.train_forward(x, TrainContext())
+    step(quiet)
+    step(quiet)
+    first = step(loud)
+    second = step(loud)
+    assert paths == ["dense_forward", "sparse_forward", "sparse_forward", "dense_forward"]
+    assert float(sae.arch.recent_l0) == 64.0
     assert torch.allclose(first.x_hat_BD, second.x_hat_BD, atol=1e-5)
+
+
+def test_a_checkpoint_without_the_routing_buffer_loads():
+    """Training checkpoints written before ReLU joined the density routing lack its last L0."""
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
+    state = {k: v for k, v in sae.state_dict().items() if k != "arch.recent_l0"}
+    sae.arch.recent_l0.zero_()
+    sae.load_state_dict(state)
+    assert float(sae.arch.recent_l0) == float("inf")
 
 
 @pytest.mark.parametrize("case", ["gaussian", "skewed rows", "few positives", "heavy tail", "misleading sample"])

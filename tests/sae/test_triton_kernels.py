@@ -80,7 +80,7 @@ def test_decode_gradients_match_the_torch_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compares the Triton and torch paths in a step")
-@pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {}),
+@pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {}), ("relu", {}),
                                          ("batchtopk", {"matryoshka": "fixed"})])
 def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra):
     from saex.sae import SAE, SAEConfig
@@ -95,12 +95,19 @@ def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra)
         torch.manual_seed(1)
         sae = SAE(cfg).cuda()
         sae.arch.init_from_data(sae, x)
+        _as_after_a_sparse_step(sae)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1))
         out.loss.backward()
         grads.append({n: p.grad.float() for n, p in sae.named_parameters() if p.grad is not None})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], rtol=1e-3, atol=1e-5), name
+
+
+def _as_after_a_sparse_step(sae) -> None:
+    """ReLU and JumpReLU route by the last step's L0 (unknown at first: dense): take the sparse kernels."""
+    if hasattr(sae.arch, "recent_l0"):
+        sae.arch.recent_l0.zero_()
 
 
 def compile_for_hopper(values: str) -> None:
@@ -151,10 +158,12 @@ def test_kernels_compile_for_an_h100(values):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test above covers this on a GPU")
 @pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {"jumprelu_bandwidth": 0.5}),
                                          ("jumprelu", {"jumprelu_bandwidth": 0.5, "select_precision": "bfloat16"}),
+                                         ("relu", {}), ("relu", {"l1_variant": "classic"}),
                                          ("topk", {"matryoshka": "fixed"})])
 def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch, arch, extra):
-    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows, AuxK on ten dead latents)
-    routed through the Triton launchers, run by the interpreter on CPU tensors, against the torch path."""
+    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows, ReLU's unpadded rows, AuxK
+    on ten dead latents) routed through the Triton launchers, run by the interpreter on CPU tensors, against
+    the torch path."""
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
 
@@ -166,6 +175,7 @@ def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch
         torch.manual_seed(1)
         sae = SAE(cfg)
         sae.arch.init_from_data(sae, x)
+        _as_after_a_sparse_step(sae)
         out = sae.train_forward(x, TrainContext(sparsity_coefficient=0.1, dead_S=torch.arange(64) < 10))
         out.loss.backward()
         grads.append({n: p.grad for n, p in sae.named_parameters() if p.grad is not None})

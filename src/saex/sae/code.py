@@ -75,6 +75,18 @@ def join_rows(a: Bags, b: Bags) -> tuple[Bags, torch.Tensor, torch.Tensor]:
     return joined, pos_a, pos_b
 
 
+def masked_entries(mask_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, latents, flat positions) of the entries where mask holds, in row-major order."""
+    flat = mask_BS.flatten().nonzero().squeeze(1)
+    S = mask_BS.shape[-1]
+    return flat // S, flat % S, flat
+
+
+def row_offsets(rows_N: torch.Tensor, B: int) -> torch.Tensor:
+    """[B + 1]: the bag offsets of entries whose rows [N] are sorted (the inverse of bag_rows)."""
+    return torch.searchsorted(rows_N, torch.arange(B + 1, device=rows_N.device))
+
+
 def bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
     """[n]: the bag of each of n entries grouped by offsets [M + 1] (no host sync)."""
     return torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(offsets.diff(), output_size=n)

@@ -55,7 +55,8 @@ class TrainConfig(SAEConfig):
     device: str = "auto"
     """cpu, cuda, ...; auto picks cuda when there is one."""
     autocast: bool = True
-    """bfloat16 autocast on a GPU (weights and Adam stay float32)."""
+    """bfloat16 autocast where the hardware multiplies bfloat16 natively: GPUs, CPUs with AVX512-BF16 or AMX
+    (weights and Adam stay float32)."""
     checkpoint_every: int = 500
     """Write a resumable checkpoint every this many steps."""
     log_every: int = 25

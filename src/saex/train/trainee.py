@@ -8,6 +8,7 @@ import torch
 
 from saex.sae import SAE
 from saex.sae.arch import TrainContext
+from saex.sae.kernels.precision import native_bfloat16
 from saex.train.config import TrainConfig
 from saex.train.dead import DeadTracker, resample_dead
 from saex.train.optim import make_adam, permute_latents
@@ -22,6 +23,7 @@ class Trainee:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.fired_count_S = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)  # since last re-sort
         self.last: dict = {}
+        self.autocast = cfg.autocast and native_bfloat16(device)
 
     def step(self, x_BD: torch.Tensor, step: int) -> None:
         cfg = self.cfg
@@ -30,7 +32,7 @@ class Trainee:
         n_dead = self.dead.count()
         ctx = TrainContext(cfg.sparsity_coefficient * sparsity_factor(step, cfg.steps, cfg.sparsity_warmup),
                            self.dead.dead() if n_dead else None, self.generator, n_dead)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and self.device.type == "cuda"
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                     else contextlib.nullcontext())
         self.sae.train()
         with autocast:

@@ -8,15 +8,12 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, dense_output, sum_sq
-from saex.sae.code import Bags, Code
+from saex.sae.arch.base import RoutedByDensity, TrainContext, TrainOutput, dense_output, sum_sq
+from saex.sae.code import Bags, Code, masked_entries, row_offsets
 from saex.sae.kernels import decode
 from saex.sae.kernels import backend
 from saex.sae.kernels.encode import biased_gemm, encoder_grads
 from saex.sae.kernels.precision import select_dtype
-
-
-SPARSE_MAX_DENSITY = 1 / 16  # the sparse path serves steps after one whose L0 was at most this fraction of d_sae
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -71,7 +68,7 @@ class SparseJumpReLU(torch.autograd.Function):
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
         rows_N, indices_N, z_N = kept_entries(xc_BD, W_enc_SD, b_enc_S, theta_S - eps / 2, select_dtype)
         fires_N = z_N > theta_S[indices_N]
-        offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=rows_N.device))
+        offsets = row_offsets(rows_N, B)
         l0_B = torch.zeros(B, dtype=torch.float32, device=rows_N.device).index_add_(0, rows_N, fires_N.float())
         ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N)
         ctx.eps = eps
@@ -105,9 +102,8 @@ def kept_entries(xc_BD, W_enc_SD, b_enc_S, lower_S, select_dtype):
         if found is not None:
             return found
     z_BS = biased_gemm(xc_BD, W_enc_SD, b_enc_S, xc_BD.dtype)
-    S = z_BS.shape[1]
-    flat = (z_BS > lower_S).flatten().nonzero().squeeze(1)
-    return flat // S, flat % S, z_BS.flatten()[flat]
+    rows_N, indices_N, flat = masked_entries(z_BS > lower_S)
+    return rows_N, indices_N, z_BS.flatten()[flat]
 
 
 def _from_candidates(xc_BD, W_enc_SD, b_enc_S, lower_S, dtype, max_fraction: float = 1 / 8):
@@ -121,26 +117,21 @@ def _from_candidates(xc_BD, W_enc_SD, b_enc_S, lower_S, dtype, max_fraction: flo
     line_S = lower_S - 2**-7 * (b_enc_S.abs() + lower_S.abs())
     line_BS = torch.addcmul(line_S.to(dtype)[None, :], xc_BD.norm(dim=1).to(dtype)[:, None],
                             W_enc_SD.norm(dim=1).to(dtype)[None, :], value=-2**-6)
-    candidates = (z_BS > line_BS).flatten().nonzero().squeeze(1)
-    if candidates.numel() > max_fraction * B * S:
+    rows_N, indices_N, _ = masked_entries(z_BS > line_BS)
+    if rows_N.numel() > max_fraction * B * S:
         return None
-    rows_N, indices_N = candidates // S, candidates % S
-    offsets = torch.searchsorted(rows_N, torch.arange(B + 1, device=rows_N.device))
+    offsets = row_offsets(rows_N, B)
     z_N = backend(W_enc_SD).entry_dots(xc_BD, W_enc_SD, indices_N, offsets) + b_enc_S[indices_N]
     keep = z_N > lower_S[indices_N]
     return rows_N[keep], indices_N[keep], z_N[keep]
 
 
-class JumpReLU(Architecture):
+class JumpReLU(RoutedByDensity):
     saelens_name = "jumprelu"
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_threshold)))
-        # the previous step's L0 picks the path: the sparse kernels pay off while codes are sparse (on 2 CPU
-        # cores at 6,144 latents: 127 ms against 302 ms dense at L0 70, 188 against 303 at L0 266, but 369
-        # against 299 at L0 526); a buffer, so that a resumed run takes the same paths
-        self.register_buffer("recent_l0", torch.zeros(()))
 
     def encode(self, sae, x_BD) -> Code:
         z = sae.pre_acts(x_BD)
@@ -157,13 +148,7 @@ class JumpReLU(Architecture):
         q = 1 - min(self.cfg.jumprelu_init_l0 / sae.d_sae, 1.0)
         self.threshold.copy_(torch.quantile(z, q, dim=0).clamp_min(1e-3))
 
-    def train_forward(self, sae, x_BD, ctx: TrainContext):
-        out = (self._sparse_forward(sae, x_BD, ctx) if self.cfg.encoder_kernel == "sparse"
-               and float(self.recent_l0) <= sae.d_sae * SPARSE_MAX_DENSITY else self._dense_forward(sae, x_BD, ctx))
-        self.recent_l0.copy_(out.l0.detach())
-        return out
-
-    def _sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
+    def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         *entries, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold,
                                               self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
         code = Bags(*entries, sae.d_sae)
@@ -171,7 +156,7 @@ class JumpReLU(Architecture):
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
         return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
 
-    def _dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
+    def dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         z_BS = sae.pre_acts(x_BD)
         eps = self.cfg.jumprelu_bandwidth
         f_BS = JumpReLUFn.apply(z_BS, self.threshold, eps)

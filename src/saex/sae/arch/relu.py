@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import torch
 
-from saex.sae.arch.base import (Architecture, TrainContext, dense_output, project_decoder_grad,
+from saex.sae.arch.base import (RoutedByDensity, TrainContext, TrainOutput, dense_output, project_decoder_grad,
                                  renormalize_decoder, sum_sq)
 from saex.sae.code import Code
+from saex.sae.kernels import decode, sparse_encode
+from saex.sae.kernels.encode import positive_code
+from saex.sae.kernels.precision import select_dtype
 
 
-class ReLU(Architecture):
+class ReLU(RoutedByDensity):
+    """Dense autograd while codes are dense (early on, about half the latents fire); the sparse kernels once
+    the L1 has made them sparse (saex.sae.arch.base.RoutedByDensity)."""
+
     saelens_name = "standard"
 
     def encode(self, sae, x_BD) -> Code:
         return Code.from_dense(torch.relu(sae.pre_acts(x_BD)))
 
-    def train_forward(self, sae, x_BD, ctx: TrainContext):
+    def sparse_serves(self, ctx: TrainContext) -> bool:
+        return not (self.cfg.ghost_grads and ctx.dead_count() > 0)  # ghost grads read every dead latent's z
+
+    def sparse_forward(self, sae, x_BD, ctx: TrainContext):
+        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, positive_code, select_dtype(self.cfg, x_BD))
+        x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
+        weights = sae.W_dec.norm(dim=1)[code.indices_N] if self.cfg.l1_variant == "april" else 1.0
+        l1 = (code.values_N * weights).sum() / len(x_BD)
+        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
+        return TrainOutput(x_hat, losses, code.fired(),
+                           torch.tensor(code.indices_N.numel() / len(x_BD), device=x_BD.device))
+
+    def dense_forward(self, sae, x_BD, ctx: TrainContext):
         z_BS = sae.pre_acts(x_BD)
         f_BS = torch.relu(z_BS)
         if self.cfg.l1_variant == "april":  # L1 weighted by decoder row norms; norms are free

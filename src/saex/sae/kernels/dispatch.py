@@ -45,16 +45,30 @@ def relu_topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
                 and os.environ.get("SAEX_TOPK", "auto") != "torch"):
             values, indices = grouped_topk(z_BS, k, TOPK_GROUP)
             return torch.relu(values), indices
-    elif (z_BS.device.type == "cpu" and z_BS.element_size() in _SAME_WIDTH_INT
-          and not z_BS.detach().sum().isnan()):
-        keys = z_BS.detach().view(_SAME_WIDTH_INT[z_BS.element_size()])
+    elif (keys := _integer_keys(z_BS)) is not None:
         indices = keys.topk(k, dim=-1, sorted=False).indices
         return torch.relu(z_BS.gather(-1, indices)), indices
     values, indices = z_BS.topk(k, dim=-1, sorted=False)
     return torch.relu(values), indices
 
 
+def positive_mask(z: torch.Tensor) -> torch.Tensor:
+    """z > 0, NaN counting as positive (so that a diverged latent shows in the loss). On CPUs it compares
+    the integer keys of `relu_topk_rows` (3.1 against 4.6 ms at 1,024 x 6,144 bfloat16 on 2 cores)."""
+    keys = _integer_keys(z)
+    return keys > 0 if keys is not None else ~(z.detach() <= 0)
+
+
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _integer_keys(z: torch.Tensor) -> torch.Tensor | None:
+    """On CPUs, z's bit patterns read as integers of the same width, which order non-negative floats as
+    the floats and read negative ones as negative; None elsewhere, and when z holds a NaN (x86's usual
+    NaN has its sign bit set and would read as negative)."""
+    if z.device.type != "cpu" or z.element_size() not in _SAME_WIDTH_INT or z.detach().sum().isnan():
+        return None
+    return z.detach().view(_SAME_WIDTH_INT[z.element_size()])
 
 
 def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:

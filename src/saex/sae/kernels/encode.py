@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from saex.sae.code import Bags, Code
-from saex.sae.kernels.dispatch import backend, relu_topk_rows
+from saex.sae.code import Bags, Code, masked_entries, row_offsets
+from saex.sae.kernels.dispatch import backend, positive_mask, relu_topk_rows
 
 Select = Callable[[torch.Tensor], Bags]
 
@@ -98,6 +98,12 @@ def sparse_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype
 def topk_code(z_BS: torch.Tensor, k: int) -> Code:
     """TopK(ReLU(z)) in top-k form, through the one top-k entry point (saex's kernel where opted in)."""
     return Code(*relu_topk_rows(z_BS, k), z_BS.shape[-1])
+
+
+def positive_code(z_BS: torch.Tensor) -> Bags:
+    """ReLU(z)'s nonzero entries (NaN among them), one bag per row, the values carrying z's gradient."""
+    rows_N, indices_N, flat = masked_entries(positive_mask(z_BS))
+    return Bags(z_BS.flatten()[flat], indices_N, row_offsets(rows_N, z_BS.shape[0]), z_BS.shape[-1])
 
 
 def topk_encode(x_BD, W_enc_SD, b_enc_S, b_dec_D, k: int, select_dtype: torch.dtype | None = None):
