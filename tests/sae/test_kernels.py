@@ -153,11 +153,13 @@ def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
     with torch.no_grad():
         dense.arch.threshold.uniform_(0.1, 0.6)
     sparse.load_state_dict(dense.state_dict())
+    sparse.arch.recent_l0.zero_()  # as after a sparse step
     x = torch.randn(32, 16)
     outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (dense, sparse)]
     assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
     assert torch.allclose(outs[0].loss, outs[1].loss) and torch.allclose(outs[0].l0, outs[1].l0)
     assert torch.equal(outs[0].fired_S, outs[1].fired_S)
+    assert float(sparse.arch.recent_l0) < 64 / 16  # the routing's bound: the sparse path served
     for o in outs:
         o.loss.backward()
     assert dense.arch.threshold.grad.abs().sum() > 0  # the window caught some pre-activations
@@ -299,6 +301,7 @@ def test_jumprelu_bfloat16_selection_gives_the_float32_gradients():
     with torch.no_grad():
         ref.arch.threshold.uniform_(0.1, 0.6)
     fast.load_state_dict(ref.state_dict())
+    fast.arch.recent_l0.zero_()  # as after a sparse step
     x = torch.randn(32, 16)
     outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (ref, fast)]
     for o in outs:

@@ -98,6 +98,9 @@ def test_auxk_and_ghost_grads_only_with_dead_latents():
     for arch, term in (("topk", "auxk"), ("relu", "ghost")):
         sae = _sae(arch, ghost_grads=True) if arch == "relu" else _sae(arch)
         assert sae.train_forward(x, TrainContext(1.0, none, n_dead=10)).losses[term] == 0
+    sparse_relu = _sae("relu", ghost_grads=True)
+    sparse_relu.arch.recent_l0.zero_()  # ghost grads need every dead latent's z: the dense path serves
+    assert "ghost" in sparse_relu.train_forward(x, TrainContext(1.0, dead)).losses
 
 
 def test_matryoshka_prefixes():

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from saex.sae.arch.base import RoutedByDensity, TrainContext, TrainOutput, dense_output, sum_sq
 from saex.sae.code import Bags, Code, masked_entries, row_offsets
 from saex.sae.kernels import decode
+from saex.sae.kernels.dispatch import probe_values
 from saex.sae.kernels import backend
 from saex.sae.kernels.encode import biased_gemm, encoder_grads
 from saex.sae.kernels.precision import select_dtype
@@ -54,11 +55,13 @@ class StepFn(torch.autograd.Function):
 
 
 class SparseJumpReLU(torch.autograd.Function):
-    """JumpReLUFn and StepFn on the sparse kernels: the code keeps the latents that fire (z > theta) and
-    those inside the threshold's kernel window (|z - theta| < eps / 2, where the straight-through
-    gradient of theta lives), so that the decoder's backward gives dL/df there too. Returns the code as
-    flat entries in one bag per row (values [N], latent indices [N], offsets [B + 1]; rows hold very
-    different counts, so no padding) and each row's L0, differentiable in theta like StepFn."""
+    """JumpReLUFn and StepFn on the sparse kernels. Returns the latents that fire (z > theta) as a code in
+    one bag per row (values [N], latent indices [N], offsets [B + 1]; rows hold very different counts,
+    so no padding); the latents that do not fire but sit in the threshold's kernel window
+    (|z - theta| < eps / 2, where theta's straight-through gradient lives) as zero-valued probes (indices,
+    offsets, values), through which `probe_values` brings back dL/df without decoding them or scattering
+    into the decoder; and each row's L0, differentiable in theta like StepFn. Only the firing entries
+    reach the encoder's backward (the others' dL/dz is 0)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -68,25 +71,29 @@ class SparseJumpReLU(torch.autograd.Function):
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
         rows_N, indices_N, z_N = kept_entries(xc_BD, W_enc_SD, b_enc_S, theta_S - eps / 2, select_dtype)
         fires_N = z_N > theta_S[indices_N]
-        offsets = row_offsets(rows_N, B)
-        l0_B = torch.zeros(B, dtype=torch.float32, device=rows_N.device).index_add_(0, rows_N, fires_N.float())
-        ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N)
+        fire, probe = (([rows_N[e], indices_N[e], z_N[e]]) for e in (fires_N.nonzero().squeeze(1),
+                                                                    (~fires_N).nonzero().squeeze(1)))
+        offsets = [row_offsets(rows, B) for rows, *_ in (fire, probe)]
+        l0_B = torch.bincount(fire[0], minlength=B).float()
+        ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, offsets[0], *fire, *probe)
         ctx.eps = eps
-        ctx.mark_non_differentiable(indices_N, offsets)
-        return z_N * fires_N, indices_N, offsets, l0_B
+        ctx.mark_non_differentiable(fire[1], offsets[0], probe[1], offsets[1])
+        return fire[2], fire[1], offsets[0], torch.zeros_like(probe[2]), probe[1], offsets[1], l0_B
 
     @staticmethod
     @once_differentiable
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_values_N, _grad_indices, _grad_offsets, grad_l0_B):
-        xc_BD, W_enc_SD, theta_S, indices_N, rows_N, offsets, z_N, fires_N = ctx.saved_tensors
-        theta_N = theta_S[indices_N]
-        window = rectangle((z_N - theta_N) / ctx.eps)
-        grad_theta_N = -(window / ctx.eps) * (theta_N * grad_values_N + grad_l0_B[rows_N])
-        grad_theta = torch.zeros_like(theta_S).index_add_(0, indices_N, grad_theta_N) \
-            if ctx.needs_input_grad[4] else None
-        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_N, grad_values_N * fires_N,
-                              rows_N, offsets)
+    def backward(ctx, grad_values_F, _indices_F, _offsets_F, grad_probes_P, _indices_P, _offsets_P, grad_l0_B):
+        xc_BD, W_enc_SD, theta_S, offsets_F, *entries = ctx.saved_tensors
+        rows_F, indices_F, z_F, rows_P, indices_P, z_P = entries
+        grad_theta = None
+        if ctx.needs_input_grad[4]:
+            grad_theta = torch.zeros_like(theta_S)
+            for rows, indices, z, grad in ((rows_F, indices_F, z_F, grad_values_F), (rows_P, indices_P, z_P, grad_probes_P)):
+                theta = theta_S[indices]
+                window = rectangle((z - theta) / ctx.eps)
+                grad_theta.index_add_(0, indices, -(window / ctx.eps) * (theta * grad + grad_l0_B[rows]))
+        grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_F, grad_values_F, rows_F, offsets_F)
         return (*grads, grad_theta, None, None)
 
 
@@ -149,10 +156,12 @@ class JumpReLU(RoutedByDensity):
         self.threshold.copy_(torch.quantile(z, q, dim=0).clamp_min(1e-3))
 
     def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        *entries, l0_B = SparseJumpReLU.apply(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold,
-                                              self.cfg.jumprelu_bandwidth, select_dtype(self.cfg, x_BD))
+        *entries, probes_P, probe_indices, probe_offsets, l0_B = SparseJumpReLU.apply(
+            x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold, self.cfg.jumprelu_bandwidth,
+            select_dtype(self.cfg, x_BD))
         code = Bags(*entries, sae.d_sae)
-        x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
+        x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets)
+        x_hat = probe_values(x_hat, sae.W_dec, probes_P, probe_indices, probe_offsets) + sae.b_dec
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
         return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
 

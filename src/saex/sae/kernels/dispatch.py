@@ -25,6 +25,28 @@ def decode(W_SD: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     return backend(W_SD).decode(W_SD, values.reshape(-1), indices.reshape(-1), offsets)
 
 
+class ProbeValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_MD, W_SD, probes_N, indices_N, offsets):
+        ctx.save_for_backward(W_SD, indices_N, offsets)
+        return out_MD.view_as(out_MD)
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        W_SD, indices_N, offsets = ctx.saved_tensors
+        grad_probes = backend(W_SD).entry_dots(grad_MD, W_SD.detach(), indices_N, offsets) \
+            if ctx.needs_input_grad[2] else None
+        return grad_MD, None, grad_probes, None, None
+
+
+def probe_values(out_MD: torch.Tensor, W_SD: torch.Tensor, probes_N: torch.Tensor, indices_N: torch.Tensor,
+                 offsets: torch.Tensor) -> torch.Tensor:
+    """`out` (a decode's output) unchanged, through which zero-valued entries in bags (probes [N], latent
+    indices [N], offsets [M + 1]) receive the gradient decode's backward would give them,
+    dL/dprobe[e] = <dL/dout[m], W[indices[e]]>, without their gather or their (zero) scatter into W."""
+    return ProbeValues.apply(out_MD, W_SD, probes_N, indices_N, offsets)
+
+
 TOPK_GROUP = 32
 
 
