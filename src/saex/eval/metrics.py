@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from saex.sae.code import active_counts
+
 DENSE = 0.1
 HIST_BINS = np.linspace(-7, 0, 29)
 
@@ -34,9 +36,9 @@ class ReconstructionStats:
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
         self.sum_sq_x += float(x.pow(2).sum())
         self.cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
-        fired = (f_BS != 0)
-        self.active += float(fired.sum())
-        self.fires_S += fired.sum(0).double().cpu()
+        fires_S = active_counts(f_BS.bool(), 0)
+        self.active += float(fires_S.sum())
+        self.fires_S += fires_S.double().cpu()
 
     def result(self) -> dict:
         if not self.n:

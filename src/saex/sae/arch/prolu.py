@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saex.sae.arch.base import Architecture, TrainContext, dense_output
+from saex.sae.arch.base import Architecture, TrainContext, dense_output, weighted_l1
 from saex.sae.code import Code
 
 
@@ -40,5 +40,5 @@ class ProLU(Architecture):
     def train_forward(self, sae, x_BD, ctx: TrainContext):
         m = sae.pre_acts(x_BD, bias=False)
         f_BS = ProLUFn.apply(m, sae.b_enc, self.cfg.prolu_grad == "ste")
-        l1 = (f_BS * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))
         return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})

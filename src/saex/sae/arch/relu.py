@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from saex.sae.arch.base import (RoutedByDensity, TrainContext, TrainOutput, dense_output, project_decoder_grad,
-                                 renormalize_decoder, sum_sq)
+                                 renormalize_decoder, sum_sq, weighted_l1)
 from saex.sae.code import Code
 from saex.sae.kernels import decode, sparse_encode
 from saex.sae.kernels.encode import positive_code
@@ -37,7 +37,7 @@ class ReLU(RoutedByDensity):
         z_BS = sae.pre_acts(x_BD)
         f_BS = torch.relu(z_BS)
         if self.cfg.l1_variant == "april":  # L1 weighted by decoder row norms; norms are free
-            l1 = (f_BS * sae.W_dec.norm(dim=1)).sum(-1).mean()
+            l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))
         else:  # decoder rows are kept at unit norm, so a plain L1
             l1 = f_BS.sum(-1).mean()
         out = dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
