@@ -159,7 +159,6 @@ def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
     assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
     assert torch.allclose(outs[0].loss, outs[1].loss) and torch.allclose(outs[0].l0, outs[1].l0)
     assert torch.equal(outs[0].fired_S, outs[1].fired_S)
-    assert float(sparse.arch.recent_l0) < 64 / 16  # the routing's bound: the sparse path served
     for o in outs:
         o.loss.backward()
     assert dense.arch.threshold.grad.abs().sum() > 0  # the window caught some pre-activations

@@ -133,9 +133,10 @@ def _fvu(run, name):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
 def test_fast_path_trains_as_well_as_the_reference(toy_run, arch, monkeypatch):
     run, _ = toy_run
-    # the toy's ReLU and JumpReLU codes are denser than the routing's bound (L0 <= d_sae / 16): lift it, so
-    # that every fast step after the first takes the sparse kernels
-    monkeypatch.setattr("saex.sae.arch.base.SPARSE_MAX_DENSITY", 1.0)
+    # the toy's ReLU and JumpReLU codes are denser than the routing's bound (L0 <= d_sae / 24 or / 32): lift
+    # it, so that every fast step after the first takes the sparse kernels
+    for routed in ("saex.sae.arch.relu.ReLU", "saex.sae.arch.jumprelu.JumpReLU"):
+        monkeypatch.setattr(f"{routed}.sparse_max_density", 1.0)
     common = ["train", "--run", str(run), "--architecture", arch, "--k", "4", "--d-sae", "64", "--steps", "300",
               "--batch-size", "256", "--lr", "3e-3", "--sparsity-coefficient", "0.1", "--jumprelu-init-l0", "4"]
     assert main(common + ["--encoder-kernel", "dense", "--select-precision", "float32", "--no-autocast",

@@ -74,16 +74,13 @@ class Architecture(nn.Module):
         return self.saelens_name, {}
 
 
-SPARSE_MAX_DENSITY = 1 / 16  # the sparse path serves steps after one whose L0 was at most this fraction of d_sae
-
-
 class RoutedByDensity(Architecture):
     """An architecture whose codes start dense and grow sparse as its penalty bites (ReLU + L1, JumpReLU):
-    a step takes the sparse kernels (`sparse_forward`) after one whose L0 was at most SPARSE_MAX_DENSITY
-    of d_sae, else dense autograd (`dense_forward`); the first step, whose L0 is unknown, is dense. The
-    sparse kernels pay while codes are sparse (JumpReLU on 2 CPU cores at 6,144 latents: 127 ms against
-    302 ms dense at L0 70, 188 against 303 at L0 266, but 369 against 299 at L0 526). The last L0 is a
-    buffer, so that a resumed run takes the same paths."""
+    a step takes the sparse kernels (`sparse_forward`) after one whose L0 was at most
+    `sparse_max_density` of d_sae, else dense autograd (`dense_forward`); the first step, whose L0 is
+    unknown, is dense. The last L0 is a buffer, so that a resumed run takes the same paths."""
+
+    sparse_max_density: float  # the fraction of d_sae past which the sparse step stops paying
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -96,7 +93,7 @@ class RoutedByDensity(Architecture):
 
     def train_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         sparse = (self.cfg.encoder_kernel == "sparse" and self.sparse_serves(ctx)
-                  and float(self.recent_l0) <= sae.d_sae * SPARSE_MAX_DENSITY)
+                  and float(self.recent_l0) <= sae.d_sae * self.sparse_max_density)
         out = self.sparse_forward(sae, x_BD, ctx) if sparse else self.dense_forward(sae, x_BD, ctx)
         self.recent_l0.copy_(out.l0.detach())
         return out

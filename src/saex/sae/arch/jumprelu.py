@@ -135,6 +135,9 @@ def _from_candidates(xc_BD, W_enc_SD, b_enc_S, lower_S, dtype, max_fraction: flo
 
 class JumpReLU(RoutedByDensity):
     saelens_name = "jumprelu"
+    # on 2 CPU cores at 6,144 latents, bf16 autocast: sparse 78 ms against 156 dense at L0 64, 108 against
+    # 138 at L0 256, 187 against 146 at L0 384
+    sparse_max_density = 1 / 24
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -17,6 +17,9 @@ class ReLU(RoutedByDensity):
     the L1 has made them sparse (saex.sae.arch.base.RoutedByDensity)."""
 
     saelens_name = "standard"
+    # on 2 CPU cores at 6,144 latents, bf16 autocast: sparse 44 ms against 100 dense at L0 32, 60 against
+    # 96 at L0 128, 114 against 101 at L0 256
+    sparse_max_density = 1 / 32
 
     def encode(self, sae, x_BD) -> Code:
         return Code.from_dense(torch.relu(sae.pre_acts(x_BD)))
