@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -52,21 +53,24 @@ def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int, pr
             print(f"{library} {name} failed: {e!r}", file=sys.stderr)
             continue
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
-        built.append((library, name, step, peak, []))
+        built.append((library, name, step, peak, [], []))
     for _ in range(rounds):
-        for *_, step, _peak, times in built:
+        for *_, step, _peak, times, faults in built:
             step()
             for _ in range(steps):
                 sync()
-                t = time.perf_counter()
+                f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
                 step()
                 sync()
                 times.append(time.perf_counter() - t)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     if profile is not None:
         _profile(built, device, profile)
+    # page faults per step: memory the allocator handed back to the kernel and took again (see --allocator)
     return [{"library": library, "architecture": name, "ms_per_step": round(1000 * statistics.median(times), 2),
-             "tokens_per_s": round(batch / statistics.median(times)), "peak_mib": peak and round(peak)}
-            for library, name, _, peak, times in built]
+             "tokens_per_s": round(batch / statistics.median(times)), "peak_mib": peak and round(peak),
+             "page_faults_per_step": round(statistics.median(faults))}
+            for library, name, _, peak, times, faults in built]
 
 
 def _profile(built, device: torch.device, pattern: str) -> None:
