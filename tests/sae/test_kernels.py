@@ -145,6 +145,27 @@ def test_join_rows_puts_each_rows_entries_together():
     assert torch.equal(joined.values_N[pos_a], a.values_N) and torch.equal(joined.indices_N[pos_b], b.indices_N)
 
 
+def test_partition_keeps_each_sides_order():
+    from saex.sae.code import partition
+
+    mask = torch.tensor([True, False, False, True, True, False])
+    inside, outside = partition(mask)
+    assert inside.tolist() == [0, 3, 4] and outside.tolist() == [1, 2, 5]
+    assert [t.tolist() for t in partition(torch.zeros(0, dtype=torch.bool))] == [[], []]
+
+
+def test_dense_metrics_count_active_entries():
+    """L0 and fired latents of a dense code: nonzero entries (NaN too, -0.0 not), an empty batch fires none."""
+    from saex.sae.code import active_counts, fired_columns
+
+    f = torch.tensor([[0.0, 2.0, -0.0, 0.5], [0.0, 0.0, 0.0, float("nan")]], dtype=torch.bfloat16)
+    assert active_counts(f.bool(), -1).tolist() == [2, 1]
+    assert fired_columns(f.bool()).tolist() == [False, True, False, True]
+    assert fired_columns(torch.zeros(0, 7, dtype=torch.bool)).tolist() == [False] * 7
+    with pytest.raises(TypeError, match="bool"):
+        fired_columns(f)
+
+
 def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
     torch.manual_seed(0)
     kw = dict(d_in=16, d_sae=64, architecture="jumprelu", jumprelu_bandwidth=0.5, select_precision="float32")

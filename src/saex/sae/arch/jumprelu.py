@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from saex.sae.arch.base import RoutedByDensity, TrainContext, TrainOutput, dense_output, sum_sq
-from saex.sae.code import Bags, Code, masked_entries, row_offsets
+from saex.sae.code import Bags, Code, masked_entries, partition, row_offsets
 from saex.sae.kernels import decode
 from saex.sae.kernels.dispatch import probe_values
 from saex.sae.kernels import backend
@@ -58,8 +58,8 @@ class SparseJumpReLU(torch.autograd.Function):
     """JumpReLUFn and StepFn on the sparse kernels. Returns the latents that fire (z > theta) as a code in
     one bag per row (values [N], latent indices [N], offsets [B + 1]; rows hold very different counts,
     so no padding); the latents that do not fire but sit in the threshold's kernel window
-    (|z - theta| < eps / 2, where theta's straight-through gradient lives) as zero-valued probes (indices,
-    offsets, values), through which `probe_values` brings back dL/df without decoding them or scattering
+    (|z - theta| < eps / 2, where theta's straight-through gradient lives) as zero-valued probes (values,
+    indices, offsets), through which `probe_values` brings back dL/df without decoding them or scattering
     into the decoder; and each row's L0, differentiable in theta like StepFn. Only the firing entries
     reach the encoder's backward (the others' dL/dz is 0)."""
 
@@ -71,10 +71,9 @@ class SparseJumpReLU(torch.autograd.Function):
         # firing (z > theta) or inside the window (|z - theta| < eps / 2): together, z > theta - eps / 2
         rows_N, indices_N, z_N = kept_entries(xc_BD, W_enc_SD, b_enc_S, theta_S - eps / 2, select_dtype)
         fires_N = z_N > theta_S[indices_N]
-        fire, probe = (([rows_N[e], indices_N[e], z_N[e]]) for e in (fires_N.nonzero().squeeze(1),
-                                                                    (~fires_N).nonzero().squeeze(1)))
+        fire, probe = ([rows_N[e], indices_N[e], z_N[e]] for e in partition(fires_N))
         offsets = [row_offsets(rows, B) for rows, *_ in (fire, probe)]
-        l0_B = torch.bincount(fire[0], minlength=B).float()
+        l0_B = offsets[0].diff().float()
         ctx.save_for_backward(xc_BD, W_enc_SD, theta_S, offsets[0], *fire, *probe)
         ctx.eps = eps
         ctx.mark_non_differentiable(fire[1], offsets[0], probe[1], offsets[1])

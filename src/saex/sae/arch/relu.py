@@ -33,8 +33,7 @@ class ReLU(RoutedByDensity):
         weights = sae.W_dec.norm(dim=1)[code.indices_N] if self.cfg.l1_variant == "april" else 1.0
         l1 = (code.values_N * weights).sum() / len(x_BD)
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
-        return TrainOutput(x_hat, losses, code.fired(),
-                           torch.tensor(code.indices_N.numel() / len(x_BD), device=x_BD.device))
+        return TrainOutput(x_hat, losses, code.fired(), code.offsets[-1].float() / len(x_BD))
 
     def dense_forward(self, sae, x_BD, ctx: TrainContext):
         z_BS = sae.pre_acts(x_BD)

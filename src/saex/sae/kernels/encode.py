@@ -22,7 +22,7 @@ Select = Callable[[torch.Tensor], Bags]
 
 class SparseEncode(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under the forward's autocast state
+    @torch.amp.custom_fwd(device_type="cuda")  # on CUDA the backward runs under the forward's autocast state
     def forward(ctx, x_BD, W_enc_SD, b_enc_S, b_dec_D, select: Select, select_dtype: torch.dtype | None):
         xc_BD = x_BD - b_dec_D
         # with select_dtype bfloat16 the selecting GEMM is cheaper; the values come from the same product

@@ -7,8 +7,9 @@ import torch
 
 def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
     """The precision of the selecting GEMM. "auto": bfloat16 where the hardware multiplies it natively
-    (CUDA, CPUs with AVX512-BF16 or AMX). TopK and BatchTopK then rank bfloat16 pre-activations (their
-    kept values carry its rounding; a toy run's FVU stayed within 1 % of the float32 reference).
+    (CUDA, CPUs with AVX512-BF16 or AMX). TopK and BatchTopK then rank bfloat16 pre-activations and ReLU
+    keeps the positive ones (their kept values carry its rounding; toy runs' FVU stayed within 1 % of the
+    float32 reference).
     JumpReLU only takes candidates from it and decides exactly (saex.sae.arch.jumprelu.kept_entries),
     which pays on a GPU; on 2 CPU cores its extra bfloat16 passes cost more than the GEMM saves (90.6
     against 83.9 ms per step), so there "auto" keeps JumpReLU in float32."""
@@ -23,6 +24,6 @@ def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
 def native_bfloat16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or
     AMX (where a bfloat16 GEMM takes about half the float32 one's time)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later (earlier GPUs emulate bfloat16)
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -75,8 +75,8 @@ def scatter_rows(X_BD, values_N, indices_N, rows_N, S: int) -> tuple[torch.Tenso
     """out[s] = sum over the entries e with indices[e] = s of values[e] X[rows[e]]  -> [S, D], float32 or
     wider, and each latent's sum of values -> [S].
 
-    Entries are sorted (stably: sums in a fixed order) by latent once; zero-valued ones (padding, silent
-    window entries) get the key S and fall outside every latent's segment. Segment starts come from a
+    Entries are sorted (stably: sums in a fixed order) by latent once; zero-valued ones (padding, rows'
+    kept latents whose ReLU is 0) get the key S and fall outside every latent's segment. Segment starts come from a
     search, with no host sync."""
     D = X_BD.shape[1]
     keys, order = torch.where(values_N != 0, indices_N, S).sort(stable=True)
