@@ -9,7 +9,8 @@ Needs the bench extra (pip install 'saex[bench]': sparsify and SAELens); a libra
 is left out of the table. Every row steps with Adam. saex's rows run under bf16 autocast where the
 hardware multiplies bf16 natively (GPUs, CPUs with AVX512-BF16 or AMX), as its trainer does; sparsify
 autocasts its own forward on a GPU; SAELens runs in its default float32 and, where bf16 is native, in
-a second row per architecture under bf16 autocast; ratios are taken against SAELens' faster row. Add
+a second row per architecture under bf16 autocast; ratios are taken against SAELens' faster row. Adam
+steps at learning rate 0 (its arithmetic unchanged), so that each SAE keeps the state its row names. Add
 --profile to see where a row's step spends its time, --allocator tuned to time every library with the
 glibc thresholds that saex's trainer sets on CPUs."""
 
@@ -28,6 +29,10 @@ from unittest import mock
 import torch
 
 SHAPES = {"cpu": (384, 6144, 1024, 32), "h100": (1024, 65536, 4096, 32)}
+# Every optimiser runs its full update at learning rate 0, so that each SAE stays in the state its row
+# names: stepping on one batch at 1e-4, JumpReLU's thresholds set for L0 64 let L0 drift to 338 within 40
+# steps (ReLU's from 66 to 360), and the row would time whichever paths that drift passes through
+LR = 0.0
 
 
 def _measure(rows, rounds: int, steps: int, device: torch.device, batch: int, profile: str | None = None) -> list[dict]:
@@ -112,7 +117,7 @@ def _graphed_step(forward, opt):
 
 def _adam_step(forward, params, opt=None):
     """A step function: forward() returns the loss; Adam (or `opt`) steps on `params`."""
-    opt = opt or torch.optim.Adam(params, lr=1e-4)
+    opt = opt or torch.optim.Adam(params, lr=LR)
 
     def step():
         loss = forward()
@@ -161,9 +166,9 @@ def saex_rows(d, S, B, k, x, device):
                 with patch, torch.autocast(device.type, torch.bfloat16, enabled=native_bfloat16(device)):
                     return sae.train_forward(x, ctx).loss
             if name in graphed:
-                return _graphed_step(forward, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True,
+                return _graphed_step(forward, torch.optim.Adam(sae.parameters(), lr=LR, fused=True,
                                                                capturable=True))
-            return _adam_step(forward, None, make_adam(sae.parameters(), 1e-4))
+            return _adam_step(forward, None, make_adam(sae.parameters(), LR))
         yield "saex", name, make
 
 
