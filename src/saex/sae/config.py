@@ -52,8 +52,8 @@ class SAEConfig:
     their codes are sparse) or plain autograd (the reference)."""
     select_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Sparse kernels: precision of the GEMM that selects the kept latents (auto: bfloat16 where the GPU or CPU
-    multiplies it natively, but float32 for JumpReLU on a CPU; TopK's, BatchTopK's and ReLU's kept values carry
-    its rounding, JumpReLU decides exactly from its candidates)."""
+    multiplies it natively; TopK's, BatchTopK's and ReLU's kept values carry its rounding, JumpReLU decides
+    exactly from its candidates)."""
     decoder_init_norm: float = 0.0
     """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
 

@@ -10,15 +10,13 @@ def select_dtype(cfg, x_BD: torch.Tensor) -> torch.dtype | None:
     (CUDA, CPUs with AVX512-BF16 or AMX). TopK and BatchTopK then rank bfloat16 pre-activations and ReLU
     keeps the positive ones (their kept values carry its rounding; toy runs' FVU stayed within 1 % of the
     float32 reference).
-    JumpReLU only takes candidates from it and decides exactly (saex.sae.arch.jumprelu.kept_entries),
-    which pays on a GPU; on 2 CPU cores its extra bfloat16 passes cost more than the GEMM saves (90.6
-    against 83.9 ms per step), so there "auto" keeps JumpReLU in float32."""
+    JumpReLU only takes candidates from it and decides exactly (saex.sae.arch.jumprelu.kept_entries; on
+    2 CPU cores 66 to 83 ms per step against 71 to 94 with the float32 GEMM)."""
     if cfg.select_precision == "float32":
         return None
     if cfg.select_precision == "bfloat16":
         return torch.bfloat16
-    native = native_bfloat16(x_BD.device)
-    return torch.bfloat16 if native and (x_BD.is_cuda or cfg.architecture != "jumprelu") else None
+    return torch.bfloat16 if native_bfloat16(x_BD.device) else None
 
 
 def native_bfloat16(device: torch.device) -> bool:
