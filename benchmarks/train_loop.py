@@ -25,6 +25,7 @@ def bare_step_rate(d: int, S: int, B: int, arch: str, k: int, device: torch.devi
     """Tokens/s of the SAE's step alone (as benchmarks/train_step.py times it) on resident data."""
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
+    from saex.sae.kernels.precision import native_bfloat16
     from saex.train.optim import make_adam
 
     sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, architecture=arch)).to(device)
@@ -33,7 +34,7 @@ def bare_step_rate(d: int, S: int, B: int, arch: str, k: int, device: torch.devi
     ctx = TrainContext()
 
     def step():
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=native_bfloat16(device)):  # as the trainer
             loss = sae.train_forward(x, ctx).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
