@@ -248,8 +248,10 @@ def test_a_checkpoint_without_the_routing_buffer_loads():
     assert float(sae.arch.recent_l0) == float("inf")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["gaussian", "skewed rows", "few positives", "heavy tail", "misleading sample"])
-def test_batch_top_n_equals_a_full_top_k(case):
+def test_batch_top_n_equals_a_full_top_k_of_relu(case, dtype):
+    """top_n of z (negatives and all: on CPUs it ranks integer keys) keeps what a full top-k of ReLU(z) keeps."""
     from saex.sae.arch.topk import top_n
 
     g = torch.Generator().manual_seed(1)
@@ -260,17 +262,19 @@ def test_batch_top_n_equals_a_full_top_k(case):
         z -= 2.5
     elif case == "heavy tail":
         z = z.exp() ** 3
-    f = z.relu().flatten()
+    z = z.flatten()
     if case == "misleading sample":  # the strided sample sees only large values: the full top-k must take over
-        assert f.numel() % 61
-        f = f.abs() + 0.01
-        f[::61] += 100
+        assert z.numel() % 61
+        z = z.abs() + 0.01
+        z[::61] += 100
+    z = z.to(dtype)
     n = 64 * 8
-    positions, values = top_n(f, n)
-    ref = f.topk(n)
-    ref_positions = ref.indices[ref.values > 0]
-    assert torch.equal(positions.sort().values, ref_positions.sort().values)
-    assert torch.equal(values, f[positions])
+    positions, values = top_n(z, n)
+    ref = z.relu().float().topk(n)
+    kth = ref.values[-1] if (ref.values > 0).all() else 0.0  # ties at the n-th value may go either way
+    assert len(positions) == int((ref.values > 0).sum())
+    assert set(ref.indices[ref.values > kth].tolist()) <= set(positions.tolist())
+    assert bool((values.float() >= kth).all()) and torch.equal(values, z[positions])
 
 
 def test_float32_selection_holds_under_an_enclosing_autocast():
@@ -394,6 +398,20 @@ def test_cpu_relu_topk_picks_a_nan_as_torch_topk_does():
         assert values.isnan().sum() == 1
         expected = torch.relu(z.to(dtype)).topk(5, dim=-1).indices
         assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_positive_mask_is_z_above_zero_with_nan_kept(dtype):
+    """On integer keys and on floats alike: positives kept, zeros of either sign and negatives not, a NaN
+    (x86's, sign bit set) kept so that a diverged latent reaches the loss."""
+    from saex.sae.kernels.dispatch import positive_mask
+
+    z = torch.tensor([[1.5, -0.0, 0.0, -2.0, 1e-30, float("-inf"), float("inf")]]).to(dtype)
+    want = [True, False, False, False, True, False, True]
+    assert positive_mask(z).tolist() == [want]
+    z[0, 1] = torch.tensor(float("inf")) - torch.tensor(float("inf"))
+    want[1] = True
+    assert positive_mask(z).tolist() == [want]
 
 
 def test_torch_path_refuses_an_out_of_range_latent_by_value():

@@ -8,6 +8,7 @@ from saex.sae.arch.base import Architecture, TrainContext, TrainOutput, sum_sq
 from saex.sae.arch.matryoshka import matryoshka_loss
 from saex.sae.code import Bags, Code, join_rows
 from saex.sae.kernels import decode, sparse_encode
+from saex.sae.kernels.dispatch import ranking_keys
 from saex.sae.kernels.encode import topk_code
 from saex.sae.kernels.precision import select_dtype
 
@@ -84,7 +85,7 @@ class BatchTopK(TopK):
     def kept(self, z_BS: torch.Tensor) -> Bags:
         """The top k*B of ReLU(z) over the batch: rows keep different counts, each row one bag."""
         B, S = z_BS.shape
-        flat, values = top_n(torch.relu(z_BS).flatten(), min(self.cfg.k * B, B * S))
+        flat, values = top_n(z_BS.flatten(), min(self.cfg.k * B, B * S))
         if self.training and values.numel():
             m = torch.where(self.threshold > 0, self.cfg.batchtopk_momentum, 1.0)  # the first step sets it
             self.threshold.mul_(1 - m).add_(m * values.min().detach().float())
@@ -100,27 +101,27 @@ class BatchTopK(TopK):
         return "jumprelu", {"threshold": self.threshold.expand(sae.d_sae).clone()}
 
 
-def top_n(f_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, values) of the n largest entries of a non-negative flat tensor, leaving out zeros.
+def top_n(z_N: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, values) of the n largest entries of ReLU(z) over a flat tensor, leaving out zeros.
 
     One top-k over millions of entries runs on one thread (78 ms for 32,768 of 6.3 M on the CPU here);
     instead a threshold from a strided sample keeps about 1.25 n candidates, and the result is exact
-    whenever at least n pass it (the n-th largest then passes too); otherwise, one full top-k."""
-    if n == 0 or f_N.numel() == 0:
-        return f_N.new_zeros(0, dtype=torch.int64), f_N.new_zeros(0)
+    whenever at least n pass it (the n-th largest then passes too); otherwise, one full top-k. The
+    comparisons run on `ranking_keys` (on CPUs, integers: no ReLU pass and no NaN tests)."""
+    if n == 0 or z_N.numel() == 0:
+        return z_N.new_zeros(0, dtype=torch.int64), z_N.new_zeros(0)
+    keys = ranking_keys(z_N)
     # a prime stride that does not divide the entry count, so not the row length either: the sample
     # visits every latent
-    stride = next(p for p in (61, 59, 53, 47, 43, 41, 37, 31) if f_N.numel() % p)
-    sample = f_N[::stride]
+    stride = next(p for p in (61, 59, 53, 47, 43, 41, 37, 31) if z_N.numel() % p)
+    sample = keys[::stride]
     t0 = sample.topk(min(sample.numel(), int(1.25 * n / stride) + 1), sorted=False).values.min()
-    candidates = (f_N > t0.clamp_min(0)).nonzero().squeeze(1)
+    candidates = (keys > t0.clamp_min(0)).nonzero().squeeze(1)
     if t0 > 0 and candidates.numel() < n:
-        values, candidates = f_N.topk(n, sorted=False)
-    else:
-        values = f_N[candidates]
-        if candidates.numel() > n:
-            values, j = values.topk(n, sorted=False)
-            candidates = candidates[j]
+        candidates = keys.topk(n, sorted=False).indices
+    elif candidates.numel() > n:
+        candidates = candidates[keys[candidates].topk(n, sorted=False).indices]
+    values = z_N[candidates]
     positive = values > 0
     return candidates[positive], values[positive]
 
