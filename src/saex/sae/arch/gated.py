@@ -25,7 +25,10 @@ class Gated(Architecture):
 
     def _paths(self, sae, x_BD):
         wx = sae.pre_acts(x_BD, bias=False)
-        return wx + sae.b_enc, torch.exp(self.r_mag) * wx + self.b_mag
+        # in the product's precision (bfloat16 under autocast): float32 biases would promote both [B, S]
+        # paths, and every product after them would cast back
+        return (wx + sae.b_enc.to(wx.dtype),
+                torch.addcmul(self.b_mag.to(wx.dtype), torch.exp(self.r_mag).to(wx.dtype), wx))
 
     def encode(self, sae, x_BD) -> Code:
         gate, mag = self._paths(sae, x_BD)
