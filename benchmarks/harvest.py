@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe  # benchmarks/machine.py, beside this script
 from PIL import Image
 
 SIZES = {  # hidden, layers, heads, mlp, patch
@@ -92,7 +93,7 @@ def main() -> None:
         run("warm-up", limit=args.batch_size)  # one batch, as the plain forward's warm-up call
         manifest = run("run")
         end = json.loads((tmp / "run" / "logs" / "harvest.jsonl").read_text().splitlines()[-1])
-    print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size,
+    print(json.dumps({"device": describe(device), "size": args.size,
                       "layer": layer, "images": args.images, "batch_size": args.batch_size, "workers": args.workers,
                       "plain_forward_images_per_s": round(forward, 1),
                       "harvest_images_per_s": round(end["examples_per_s"], 1),

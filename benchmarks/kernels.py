@@ -29,14 +29,14 @@ def _tuned(name: str, launch: dict):
     from saex.sae.kernels import dispatch, triton_ops
 
     if name == "topk":
-        default, dispatch.TOPK_GROUP = dispatch.TOPK_GROUP, launch["G"]
+        default, dispatch.TOPK_GROUP["cuda"] = dispatch.TOPK_GROUP["cuda"], launch["G"]
     else:
         default, triton_ops.TUNING[name] = triton_ops.TUNING[name], launch
     try:
         yield
     finally:
         if name == "topk":
-            dispatch.TOPK_GROUP = default
+            dispatch.TOPK_GROUP["cuda"] = default
         else:
             triton_ops.TUNING[name] = default
 
@@ -66,10 +66,10 @@ def main() -> None:
     offsets = torch.arange(0, B * k + 1, k, device="cuda")
     rows_N = bag_rows(offsets, B * k)
     cases = {
-        "topk": (lambda: dispatch.grouped_topk(z, k, dispatch.TOPK_GROUP), _grid(G=[8, 16, 32, 64]),
+        "topk": (lambda: dispatch.grouped_topk(z, k, dispatch.TOPK_GROUP["cuda"]), _grid(G=[8, 16, 32, 64]),
                  {"torch.topk": lambda: z.topk(k, dim=-1, sorted=False),
-                  "torch amax of the groups": lambda: z.view(B, -1, dispatch.TOPK_GROUP).amax(-1)}),
-        "group_max": (lambda: triton_ops.group_max(z, dispatch.TOPK_GROUP),
+                  "torch amax of the groups": lambda: z.view(B, -1, dispatch.TOPK_GROUP["cuda"]).amax(-1)}),
+        "group_max": (lambda: triton_ops.group_max(z, dispatch.TOPK_GROUP["cuda"]),
                       _grid(BLOCK=[64, 256, 1024], num_warps=[4, 8]), {}),
         "gather": (lambda: triton_ops.gather_sum(W, values_N, indices_N, offsets),
                    _grid(BLOCK_E=[8, 32], BLOCK_D=[256, 512, 1024], num_warps=[4, 8]),
@@ -84,7 +84,7 @@ def main() -> None:
                 _grid(BLOCK_E=[16, 32, 64], BLOCK_D=[128, 256, 512], num_warps=[4, 8]),
                 {"gathered product": lambda: (W[indices_N] * x[rows_N]).sum(-1)}),
     }
-    tuning = {**triton_ops.TUNING, "topk": {"G": dispatch.TOPK_GROUP}}
+    tuning = {**triton_ops.TUNING, "topk": {"G": dispatch.TOPK_GROUP["cuda"]}}
     report = {"device": torch.cuda.get_device_name(), "shape": {"d_in": D, "d_sae": S, "batch": B, "k": k},
               "default": {name: dict(tuning[name]) for name in cases}}
     for name in args.only:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe  # benchmarks/machine.py, beside this script
 
 SHAPES = {"cpu": (384, 6144, 1024), "h100": (1024, 65536, 4096)}  # d_in, latents, batch
 
@@ -73,7 +74,7 @@ def main() -> None:
                           steps=args.steps, log_every=args.steps, checkpoint_every=10 * args.steps))
         end = [json.loads(line) for line in (Path(tmp) / "logs" / "train.jsonl").read_text().splitlines()][-1]
     bare = bare_step_rate(d, S, B, args.architecture, args.k, device, min(args.steps, 50))
-    print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    print(json.dumps({"device": describe(device),
                       "shape": {"d_in": d, "d_sae": S, "batch": B, "k": args.k}, "architecture": args.architecture,
                       "train_tokens_per_s": round(end["tokens_per_s"]), "bare_step_tokens_per_s": round(bare),
                       "ratio": round(end["tokens_per_s"] / bare, 3)}, indent=2))

@@ -27,6 +27,7 @@ import time
 from unittest import mock
 
 import torch
+from machine import describe  # benchmarks/machine.py, beside this script
 
 SHAPES = {"cpu": (384, 6144, 1024, 32), "h100": (1024, 65536, 4096, 32)}
 # Every optimiser runs its full update at learning rate 0, so that each SAE stays in the state its row
@@ -266,8 +267,8 @@ def main() -> None:
     peaks = {(r["library"], r["architecture"]): r["peak_mib"] for r in table if r["peak_mib"]}
     if ("saex", "topk") in peaks and ("sparsify", "topk (adam)") in peaks:
         ratios["topk peak memory / sparsify"] = round(peaks[("saex", "topk")] / peaks[("sparsify", "topk (adam)")], 2)
-    print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "threads": torch.get_num_threads(), "allocator": args.allocator, "shape": {"d_in": d, "d_sae": S, "batch": B, "k": k},
+    print(json.dumps({"device": describe(device),
+                      "allocator": args.allocator, "shape": {"d_in": d, "d_sae": S, "batch": B, "k": k},
                       "rows": table, "ratios": ratios, "skipped": skipped}, indent=2))
 
 

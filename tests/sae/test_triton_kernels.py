@@ -199,6 +199,5 @@ def test_grouped_topk_through_the_triton_group_maxima(monkeypatch):
 
     monkeypatch.setattr(triton_ops, "usable", lambda t: True)  # the CUDA route, on CPU tensors when no GPU
     z = torch.randn(4, 1024, generator=torch.Generator().manual_seed(4)).bfloat16().to(DEVICE)
-    values, indices = dispatch.grouped_topk(z, 20, 16)
-    assert torch.equal(values.float().sort(-1).values, z.topk(20, dim=-1).values.float().sort(-1).values)
-    assert torch.equal(z.gather(1, indices), values)
+    indices = dispatch.grouped_topk(z, 20, 16)
+    assert torch.equal(z.gather(1, indices).float().sort(-1).values, z.topk(20, dim=-1).values.float().sort(-1).values)

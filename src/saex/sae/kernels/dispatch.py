@@ -47,21 +47,23 @@ def probe_values(out_MD: torch.Tensor, W_SD: torch.Tensor, probes_N: torch.Tenso
     return ProbeValues.apply(out_MD, W_SD, probes_N, indices_N, offsets)
 
 
-TOPK_GROUP = 32
+# the group size of the grouped top-k per device type, as measured (benchmarks/kernels.py on an H100; on 2
+# CPU cores at 1,024 x 6,144: 5.4 ms with groups of 16, 6.4 with 32, 7.6 for torch.topk alone)
+TOPK_GROUP = {"cuda": 32, "cpu": 16}
 
 
 def relu_topk_rows(z_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of each row's k largest entries of ReLU(z), unordered, the values carrying z's
     gradient (rows with fewer than k positive entries are padded with zeros at arbitrary latents).
 
-    On CUDA through grouped_topk (SAEX_TOPK=torch keeps torch.topk there too); elsewhere torch.topk over
-    `ranking_keys` (on 2 CPU cores 6.4 to 7.1 against 8.2 to 9.6 ms at 1,024 x 6,144 bfloat16)."""
+    Through `grouped_topk` where the rows split into enough groups (SAEX_TOPK=torch keeps torch.topk),
+    else torch.topk; both rank `ranking_keys`."""
     S = z_BS.shape[-1]
-    if (z_BS.is_cuda and z_BS.dim() == 2 and S % TOPK_GROUP == 0 and S // TOPK_GROUP >= 4 * k
-            and os.environ.get("SAEX_TOPK", "auto") != "torch"):
-        values, indices = grouped_topk(z_BS, k, TOPK_GROUP)
-        return torch.relu(values), indices
-    indices = ranking_keys(z_BS).topk(k, dim=-1, sorted=False).indices
+    G = TOPK_GROUP.get(z_BS.device.type, TOPK_GROUP["cpu"])
+    if z_BS.dim() == 2 and S % G == 0 and S // G >= 4 * k and os.environ.get("SAEX_TOPK", "auto") != "torch":
+        indices = grouped_topk(z_BS, k, G)
+    else:
+        indices = ranking_keys(z_BS).topk(k, dim=-1, sorted=False).indices
     return torch.relu(z_BS.gather(-1, indices)), indices
 
 
@@ -87,16 +89,20 @@ def ranking_keys(z: torch.Tensor) -> torch.Tensor:
     return z.view(_SAME_WIDTH_INT[z.element_size()])
 
 
-def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk's selection (ties aside) through the rows' groups of G entries: the k largest entries
-    lie in the k groups with the largest maxima (an entry outside them has k group maxima at least as
-    large above it), so a top-k over the group maxima, then over those k G entries, finds them while
-    reading z once. S must be a multiple of G."""
+def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> torch.Tensor:
+    """The latents of torch.topk's selection of ReLU(z) (ties aside; it ranks `ranking_keys`), found
+    through the rows' groups of G entries:
+    the k largest entries lie in the k groups with the largest maxima (an entry outside them has k group
+    maxima at least as large above it), so a top-k over the group maxima, then over those k G entries,
+    finds them while reading z once  -> indices [B, k], unordered. S must be a multiple of G."""
     B, S = z_BS.shape
-    z_BgG = z_BS.view(B, S // G, G)
-    maxima = triton_ops.group_max(z_BS.detach(), G) if triton_ops.usable(z_BS) else z_BgG.detach().amax(-1)
+    keys = ranking_keys(z_BS)
+    maxima = triton_ops.group_max(keys, G) if triton_ops.usable(keys) else keys.reshape(B, S // G, G).amax(-1)
     groups_BK = maxima.topk(k, dim=-1, sorted=False).indices
-    candidates = z_BgG.gather(1, groups_BK[..., None].expand(B, k, G)).reshape(B, k * G)
-    values, slots = candidates.topk(k, dim=-1, sorted=False)
+    # the chosen groups as rows of a [B * S / G, G] view: one row gather (a gather of [B, k, G] through an
+    # expanded index takes 1.5 against 0.2 ms on 2 CPU cores)
+    flat_groups = (groups_BK + torch.arange(B, device=z_BS.device)[:, None] * (S // G)).reshape(-1)
+    candidates = keys.reshape(B * S // G, G).index_select(0, flat_groups).view(B, k * G)
+    slots = candidates.topk(k, dim=-1, sorted=False).indices
     entries = (groups_BK[..., None] * G + torch.arange(G, device=z_BS.device)).reshape(B, k * G)
-    return values, entries.gather(1, slots)
+    return entries.gather(1, slots)
