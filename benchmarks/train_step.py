@@ -144,6 +144,9 @@ def saex_rows(d, S, B, k, x, device):
         "relu": dict(architecture="relu"),  # a fresh SAE: about half the latents fire, the dense path serves
         "relu (L0 64)": dict(architecture="relu"),  # as once the L1 has made codes sparse: the sparse kernels
         "matryoshka batchtopk": dict(architecture="batchtopk", matryoshka="fixed"),
+        "gated": dict(architecture="gated"),  # fresh: about half the gates open, the dense path serves
+        "gated (L0 64)": dict(architecture="gated"),
+        "prolu (L0 64)": dict(architecture="prolu"),  # no SAELens counterpart
     }
     environments = {name: {} for name in variants}
     graphed = set()
@@ -158,7 +161,7 @@ def saex_rows(d, S, B, k, x, device):
         def make(name=name, kw=kw, env=environments[name]):
             sae = SAE(SAEConfig(d_in=d, d_sae=S, k=k, **kw)).to(device)
             sae.arch.init_from_data(sae, x)  # as training does (JumpReLU thresholds; a no-op elsewhere)
-            if "L0 64" in name:  # each latent fires on 64 / S of the batch
+            if "L0 64" in name:  # each latent fires (Gated: its gate opens) on 64 / S of the batch
                 with torch.no_grad():
                     sae.b_enc -= torch.quantile(sae.pre_acts(x), 1 - 64 / S, dim=0)
             patch = mock.patch.dict(os.environ, env) if env else contextlib.nullcontext()
@@ -187,6 +190,7 @@ def sparsify_rows(d, S, B, k, x, device):
 
 def saelens_rows(d, S, B, k, x, device):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
                                                         MatryoshkaBatchTopKTrainingSAEConfig)
@@ -200,6 +204,7 @@ def saelens_rows(d, S, B, k, x, device):
         "batchtopk": lambda: BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d, d_sae=S, k=k, device=dev)),
         "jumprelu": lambda: JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=S, device=dev)),
         "relu": lambda: StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=S, device=dev)),
+        "gated": lambda: GatedTrainingSAE(GatedTrainingSAEConfig(d_in=d, d_sae=S, device=dev)),
         "matryoshka batchtopk": lambda: MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=d, d_sae=S, k=k, device=dev, matryoshka_widths=[S // 16, S // 8, S // 4, S // 2, S])),
     }

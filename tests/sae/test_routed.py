@@ -1,4 +1,4 @@
-"""ReLU and JumpReLU: their sparse paths against dense autograd, JumpReLU's exact selection from
+"""ReLU, JumpReLU, Gated and ProLU: their sparse paths against dense autograd, JumpReLU's exact selection from
 bfloat16 candidates, and the routing between the paths by the last step's L0."""
 
 import pytest
@@ -30,16 +30,22 @@ def test_jumprelu_sparse_path_matches_the_dense_straight_through_gradients():
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-@pytest.mark.parametrize("variant", ["april", "classic"])
-def test_relu_sparse_path_matches_dense_autograd(variant):
-    """Once ReLU's codes are sparse its step takes the sparse kernels: the same code, losses (MSE and the
-    L1, weighted by decoder norms or not) and gradients as plain autograd."""
+@pytest.mark.parametrize("arch, extra", [("relu", {"l1_variant": "april"}), ("relu", {"l1_variant": "classic"}),
+                                         ("gated", {}), ("prolu", {"prolu_grad": "relu"}),
+                                         ("prolu", {"prolu_grad": "ste"})])
+def test_sparse_path_matches_dense_autograd(arch, extra):
+    """Once codes are sparse a step takes the sparse kernels: the same code, losses (MSE; the L1, weighted
+    by decoder norms or not; Gated's auxiliary reconstruction) and gradients of every parameter as plain
+    autograd, with gates that open where the magnitude is negative (Gated) and biases of both signs."""
     torch.manual_seed(0)
-    kw = dict(d_in=16, d_sae=64, architecture="relu", l1_variant=variant, select_precision="float32")
+    kw = dict(d_in=16, d_sae=64, architecture=arch, select_precision="float32", **extra)
     dense, sparse = SAE(SAEConfig(encoder_kernel="dense", **kw)), SAE(SAEConfig(encoder_kernel="sparse", **kw))
     with torch.no_grad():
         dense.b_enc.uniform_(-0.3, 0.1)
-        dense.W_dec.mul_(torch.rand(64, 1) + 0.5)  # unequal decoder norms, for the april L1's weights
+        dense.W_dec.mul_(torch.rand(64, 1) + 0.5)  # unequal decoder norms, for the weighted L1s
+        if arch == "gated":
+            dense.arch.r_mag.uniform_(-0.5, 0.5)
+            dense.arch.b_mag.uniform_(-0.3, 0.1)
     sparse.load_state_dict(dense.state_dict())
     sparse.arch.recent_l0.zero_()  # as after a sparse step
     x = torch.randn(32, 16)
@@ -47,13 +53,17 @@ def test_relu_sparse_path_matches_dense_autograd(variant):
     assert 0 < float(outs[1].l0) < 32 and torch.allclose(outs[0].l0, outs[1].l0)
     assert torch.equal(outs[0].fired_S, outs[1].fired_S)
     assert torch.allclose(outs[0].x_hat_BD, outs[1].x_hat_BD, atol=1e-5)
-    for name in ("mse", "sparsity"):
+    assert outs[0].losses.keys() == outs[1].losses.keys()
+    for name in outs[0].losses:
         assert torch.allclose(outs[0].losses[name], outs[1].losses[name], atol=1e-6), name
+    if arch == "gated":  # the routing counts open gates, more than the latents that fire here
+        assert torch.allclose(outs[0].extras["open_gates"], outs[1].extras["open_gates"])
+        assert float(outs[1].extras["open_gates"]) > float(outs[1].l0)
     for o in outs:
         o.loss.backward()
-    for name in ("W_enc_SD", "b_enc", "W_dec", "b_dec"):
-        a, b = (s.get_parameter(name).grad for s in (dense, sparse))
-        assert torch.allclose(a, b, atol=1e-5), name
+    for name, p in dense.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.allclose(p.grad, sparse.get_parameter(name).grad, atol=1e-5), name
 
 
 @pytest.mark.parametrize("arch, quiet, loud", [("jumprelu", ("threshold", 10.0), ("threshold", -10.0)),

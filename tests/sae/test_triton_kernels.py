@@ -81,7 +81,7 @@ def test_decode_gradients_match_the_torch_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: compares the Triton and torch paths in a step")
 @pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {}), ("relu", {}),
-                                         ("batchtopk", {"matryoshka": "fixed"})])
+                                         ("gated", {}), ("prolu", {}), ("batchtopk", {"matryoshka": "fixed"})])
 def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra):
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext
@@ -105,7 +105,8 @@ def test_training_step_on_triton_equals_the_torch_path(monkeypatch, arch, extra)
 
 
 def _as_after_a_sparse_step(sae) -> None:
-    """ReLU and JumpReLU route by the last step's L0 (unknown at first: dense): take the sparse kernels."""
+    """The density-routed architectures route by the last step's L0 (unknown at first: dense): take the
+    sparse kernels."""
     if hasattr(sae.arch, "recent_l0"):
         sae.arch.recent_l0.zero_()
 
@@ -158,11 +159,11 @@ def test_kernels_compile_for_an_h100(values):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test above covers this on a GPU")
 @pytest.mark.parametrize("arch, extra", [("topk", {}), ("batchtopk", {}), ("jumprelu", {"jumprelu_bandwidth": 0.5}),
                                          ("jumprelu", {"jumprelu_bandwidth": 0.5, "select_precision": "bfloat16"}),
-                                         ("relu", {}), ("relu", {"l1_variant": "classic"}),
-                                         ("topk", {"matryoshka": "fixed"})])
+                                         ("relu", {}), ("relu", {"l1_variant": "classic"}), ("gated", {}),
+                                         ("prolu", {"prolu_grad": "ste"}), ("topk", {"matryoshka": "fixed"})])
 def test_training_step_through_the_triton_path_equals_the_torch_path(monkeypatch, arch, extra):
-    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows, ReLU's unpadded rows, AuxK
-    on ten dead latents) routed through the Triton launchers, run by the interpreter on CPU tensors, against
+    """The whole step (sparse encoder, decoder, Matryoshka bags, JumpReLU windows, unpadded rows of ReLU,
+    Gated (with its frozen-decoder reconstruction) and ProLU, AuxK on ten dead latents) routed through the Triton launchers, run by the interpreter on CPU tensors, against
     the torch path."""
     from saex.sae import SAE, SAEConfig
     from saex.sae.arch import TrainContext

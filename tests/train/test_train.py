@@ -130,13 +130,13 @@ def _fvu(run, name):
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "gated", "prolu"])
 def test_fast_path_trains_as_well_as_the_reference(toy_run, arch, monkeypatch):
     run, _ = toy_run
-    # the toy's ReLU and JumpReLU codes are denser than the routing's bound (L0 <= d_sae / 24 or / 32): lift
-    # it, so that every fast step after the first takes the sparse kernels
-    for routed in ("saex.sae.arch.relu.ReLU", "saex.sae.arch.jumprelu.JumpReLU"):
-        monkeypatch.setattr(f"{routed}.sparse_max_density", 1.0)
+    # the toy's codes are denser than the density routing's bounds (d_sae / 24 or / 32): lift them, so
+    # that every fast step after the first takes the sparse kernels
+    for routed in ("relu.ReLU", "jumprelu.JumpReLU", "gated.Gated", "prolu.ProLU"):
+        monkeypatch.setattr(f"saex.sae.arch.{routed}.sparse_max_density", 1.0)
     common = ["train", "--run", str(run), "--architecture", arch, "--k", "4", "--d-sae", "64", "--steps", "300",
               "--batch-size", "256", "--lr", "3e-3", "--sparsity-coefficient", "0.1", "--jumprelu-init-l0", "4"]
     assert main(common + ["--encoder-kernel", "dense", "--select-precision", "float32", "--no-autocast",

@@ -48,8 +48,8 @@ class SAEConfig:
     """BatchTopK: step of the running estimate of the inference threshold."""
 
     encoder_kernel: Literal["sparse", "dense"] = "sparse"
-    """TopK, BatchTopK, JumpReLU, ReLU: encode with the sparse kernels (saex.sae.kernels; JumpReLU and ReLU once
-    their codes are sparse) or plain autograd (the reference)."""
+    """Encode with the sparse kernels (saex.sae.kernels: TopK and BatchTopK always; JumpReLU, ReLU, Gated and
+    ProLU once their codes are sparse) or plain autograd (the reference)."""
     select_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Sparse kernels: precision of the GEMM that selects the kept latents (auto: bfloat16 where the GPU or CPU
     multiplies it natively; TopK's, BatchTopK's and ReLU's kept values carry its rounding, JumpReLU decides

@@ -75,10 +75,11 @@ class Architecture(nn.Module):
 
 
 class RoutedByDensity(Architecture):
-    """An architecture whose codes start dense and grow sparse as its penalty bites (ReLU + L1, JumpReLU):
-    a step takes the sparse kernels (`sparse_forward`) after one whose L0 was at most
-    `sparse_max_density` of d_sae, else dense autograd (`dense_forward`); the first step, whose L0 is
-    unknown, is dense. The last L0 is a buffer, so that a resumed run takes the same paths."""
+    """An architecture whose codes start dense and grow sparse as its penalty bites (ReLU + L1, JumpReLU,
+    Gated, ProLU): a step takes the sparse kernels (`sparse_forward`) after one whose `sparse_entries`
+    per row (its L0, or Gated's open gates) were at most `sparse_max_density` of d_sae, else dense
+    autograd (`dense_forward`); the first step, whose count is unknown, is dense. The last count is a
+    buffer, so that a resumed run takes the same paths."""
 
     sparse_max_density: float  # the fraction of d_sae past which the sparse step stops paying
 
@@ -95,8 +96,12 @@ class RoutedByDensity(Architecture):
         sparse = (self.cfg.encoder_kernel == "sparse" and self.sparse_serves(ctx)
                   and float(self.recent_l0) <= sae.d_sae * self.sparse_max_density)
         out = self.sparse_forward(sae, x_BD, ctx) if sparse else self.dense_forward(sae, x_BD, ctx)
-        self.recent_l0.copy_(out.l0.detach())
+        self.recent_l0.copy_(self.sparse_entries(out).detach())
         return out
+
+    def sparse_entries(self, out: TrainOutput) -> torch.Tensor:
+        """Entries per row a sparse step carries, as this step saw them: its L0 unless overridden."""
+        return out.l0
 
     def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         raise NotImplementedError

@@ -1,16 +1,23 @@
-"""ProLU (seed 003): m * 1[m + b > 0 and m > 0] with m = W_enc(x - b_dec); the bias only gates."""
+"""ProLU (seed 003): m * 1[m + b > 0 and m > 0] with m = W_enc(x - b_dec); the bias only gates.
+
+Every gradient lives on the entries that pass the gate (m > max(-b, 0)), so once codes are sparse a
+step keeps only those, through the sparse kernels (saex.sae.arch.base.RoutedByDensity)."""
 
 from __future__ import annotations
 
 import torch
 
-from saex.sae.arch.base import Architecture, TrainContext, dense_output, weighted_l1
+from saex.sae.arch.base import RoutedByDensity, TrainContext, TrainOutput, dense_output, sum_sq, weighted_l1
 from saex.sae.code import Code
+from saex.sae.kernels import decode, sparse_encode
+from saex.sae.kernels.encode import positive_code
+from saex.sae.kernels.precision import select_dtype
 
 
 class ProLUFn(torch.autograd.Function):
     """With G = 1[m + b > 0 and m > 0] and upstream g:
-    relu variant: dm = db = g G;  ste variant: db = g G m, dm = g G (1 + m)."""
+    relu variant: dm = db = g G;  ste variant: db = g G m, dm = g G (1 + m).
+    m is [..., S] with b [S], or flat entries [N] with their latents' b [N]."""
 
     @staticmethod
     def forward(ctx, m, b, ste: bool):
@@ -30,14 +37,26 @@ class ProLUFn(torch.autograd.Function):
         return grad_m, grad_b.reshape(-1, m.shape[-1]).sum(0), None
 
 
-class ProLU(Architecture):
+class ProLU(RoutedByDensity):
     saelens_name = "prolu"  # no SAELens equivalent
+    sparse_max_density = 1 / 32  # as ReLU's: the same kernels
 
     def encode(self, sae, x_BD) -> Code:
         m = sae.pre_acts(x_BD, bias=False)
         return Code.from_dense(m * ((m + sae.b_enc > 0) & (m > 0)))
 
-    def train_forward(self, sae, x_BD, ctx: TrainContext):
+    def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
+        b = sae.b_enc
+        # m has no bias: the encoder's is a zero that asks for no gradient; b reaches f through ProLUFn
+        code = sparse_encode(x_BD, sae.W_enc_SD, torch.zeros_like(b, requires_grad=False), sae.b_dec,
+                             lambda m: positive_code(m, -b), select_dtype(self.cfg, x_BD))
+        f_N = ProLUFn.apply(code.values_N, b[code.indices_N], self.cfg.prolu_grad == "ste")
+        x_hat = decode(sae.W_dec, f_N, code.indices_N, code.offsets) + sae.b_dec
+        l1 = (f_N * sae.W_dec.norm(dim=1)[code.indices_N]).sum() / len(x_BD)
+        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
+        return TrainOutput(x_hat, losses, code.fired(), code.offsets[-1].float() / len(x_BD))
+
+    def dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         m = sae.pre_acts(x_BD, bias=False)
         f_BS = ProLUFn.apply(m, sae.b_enc, self.cfg.prolu_grad == "ste")
         l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))

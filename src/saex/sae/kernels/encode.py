@@ -102,9 +102,10 @@ def topk_code(z_BS: torch.Tensor, k: int) -> Code:
     return Code(*relu_topk_rows(z_BS, k), z_BS.shape[-1])
 
 
-def positive_code(z_BS: torch.Tensor) -> Bags:
-    """ReLU(z)'s nonzero entries (NaN among them), one bag per row, the values carrying z's gradient."""
-    rows_N, indices_N, flat = masked_entries(positive_mask(z_BS))
+def positive_code(z_BS: torch.Tensor, lower_S: torch.Tensor | None = None) -> Bags:
+    """The entries of z above max(lower, 0) (ReLU's nonzero ones without a bound), NaN among them, one bag
+    per row, the values carrying z's gradient."""
+    rows_N, indices_N, flat = masked_entries(positive_mask(z_BS, lower_S))
     return Bags(z_BS.flatten()[flat], indices_N, row_offsets(rows_N, z_BS.shape[0]), z_BS.shape[-1])
 
 
