@@ -281,6 +281,19 @@ def test_positive_mask_is_z_above_zero_with_nan_kept(dtype):
     assert positive_mask(z).tolist() == [want]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_positive_mask_with_a_bound_is_z_above_its_maximum_with_zero(dtype):
+    """z > max(lower, 0) per latent, exactly, whatever z's dtype: a float32 bound that z's dtype cannot
+    hold is not rounded up past a z above it; negative and -0.0 bounds act as 0; NaN is kept."""
+    from saex.sae.kernels.dispatch import positive_mask
+
+    lower = torch.tensor([0.3, 0.3, -0.0, -2.0, 1.0, 0.0])
+    z = torch.tensor([[0.3, 0.2999, 0.0, -1.0, float("nan"), 1e-30]]).to(dtype)
+    want = (z.double() > lower.double().clamp_min(0)) | z.isnan()
+    assert positive_mask(z, lower).tolist() == want.tolist()
+    assert want[0, 0] == (dtype in (torch.bfloat16, torch.float16))  # 0.3 rounds up in those: above the bound
+
+
 def test_torch_path_refuses_an_out_of_range_latent_by_value():
     """aten's kernels would write past the gradient's end; the torch path names the bad index instead."""
     from saex.sae.kernels import torch_ops

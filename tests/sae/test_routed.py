@@ -66,6 +66,27 @@ def test_sparse_path_matches_dense_autograd(arch, extra):
         assert torch.allclose(p.grad, sparse.get_parameter(name).grad, atol=1e-5), name
 
 
+@pytest.mark.parametrize("arch", ["relu", "gated", "prolu"])
+def test_a_sparse_step_with_no_entry_at_all_matches_the_dense_one(arch):
+    """A run whose codes collapse to L0 0 routes its next step to the sparse path, where no entry is
+    kept: the same losses and gradients as the dense step, nothing raised."""
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, architecture=arch, select_precision="float32"))
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    outs, grads = [], []
+    for _ in range(2):  # dense (L0 unknown), then sparse (after L0 0)
+        sae.zero_grad()
+        outs.append(sae.train_forward(x, TrainContext(sparsity_coefficient=0.1)))
+        outs[-1].loss.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    assert float(sae.arch.recent_l0) == 0.0 and float(outs[1].l0) == 0.0 and not outs[1].fired_S.any()
+    assert torch.allclose(outs[0].loss, outs[1].loss)
+    assert grads[0].keys() <= grads[1].keys()  # the sparse step may also give explicit zeros
+    for name, g in grads[1].items():
+        assert torch.allclose(g, grads[0].get(name, torch.zeros_like(g))), name
+
+
 @pytest.mark.parametrize("arch, quiet, loud", [("jumprelu", ("threshold", 10.0), ("threshold", -10.0)),
                                                ("relu", ("b_enc", -10.0), ("b_enc", 10.0))])
 def test_density_routing_follows_the_last_steps_l0(arch, quiet, loud):

@@ -52,7 +52,7 @@ class Gated(RoutedByDensity):
         gate_hat = decode(sae.W_dec.detach(), gate.values_N, idx, gate.offsets) + sae.b_dec.detach()
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * gate.values_N.sum() / B,
                   "gate_aux": sum_sq(x_BD, gate_hat)}
-        l0 = active_counts(code.values_N.detach() > 0, 0).float() / B
+        l0 = active_counts(code.values_N.detach() != 0, 0).float() / B  # NaN counts, as the dense path's
         return TrainOutput(x_hat, losses, code.fired(), l0, {"open_gates": gate.offsets[-1].float() / B})
 
     def dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:

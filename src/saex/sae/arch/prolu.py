@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from saex.sae.arch.base import RoutedByDensity, TrainContext, TrainOutput, dense_output, sum_sq, weighted_l1
-from saex.sae.code import Code
+from saex.sae.code import Bags, Code, active_counts
 from saex.sae.kernels import decode, sparse_encode
 from saex.sae.kernels.encode import positive_code
 from saex.sae.kernels.precision import select_dtype
@@ -23,7 +23,7 @@ class ProLUFn(torch.autograd.Function):
     def forward(ctx, m, b, ste: bool):
         gate = (m + b > 0) & (m > 0)
         ctx.save_for_backward(m, gate)
-        ctx.ste = ste
+        ctx.ste, ctx.b_shape = ste, b.shape
         return m * gate
 
     @staticmethod
@@ -34,7 +34,8 @@ class ProLUFn(torch.autograd.Function):
             grad_m, grad_b = g * (1 + m), g * m
         else:
             grad_m, grad_b = g, g
-        return grad_m, grad_b.reshape(-1, m.shape[-1]).sum(0), None
+        # flat entries (which may be none) take their gradient as it is; a [..., S] m sums over its rows
+        return grad_m, grad_b if grad_b.shape == ctx.b_shape else grad_b.reshape(-1, m.shape[-1]).sum(0), None
 
 
 class ProLU(RoutedByDensity):
@@ -50,11 +51,13 @@ class ProLU(RoutedByDensity):
         # m has no bias: the encoder's is a zero that asks for no gradient; b reaches f through ProLUFn
         code = sparse_encode(x_BD, sae.W_enc_SD, torch.zeros_like(b, requires_grad=False), sae.b_dec,
                              lambda m: positive_code(m, -b), select_dtype(self.cfg, x_BD))
-        f_N = ProLUFn.apply(code.values_N, b[code.indices_N], self.cfg.prolu_grad == "ste")
-        x_hat = decode(sae.W_dec, f_N, code.indices_N, code.offsets) + sae.b_dec
-        l1 = (f_N * sae.W_dec.norm(dim=1)[code.indices_N]).sum() / len(x_BD)
+        f = Bags(ProLUFn.apply(code.values_N, b[code.indices_N], self.cfg.prolu_grad == "ste"), code.indices_N,
+                 code.offsets, sae.d_sae)
+        x_hat = decode(sae.W_dec, f.values_N, f.indices_N, f.offsets) + sae.b_dec
+        l1 = (f.values_N * sae.W_dec.norm(dim=1)[f.indices_N]).sum() / len(x_BD)
         losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
-        return TrainOutput(x_hat, losses, code.fired(), code.offsets[-1].float() / len(x_BD))
+        # counted on f, as the dense path counts: the gate may still close an entry (a NaN bias)
+        return TrainOutput(x_hat, losses, f.fired(), active_counts(f.values_N.detach() != 0, 0).float() / len(x_BD))
 
     def dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         m = sae.pre_acts(x_BD, bias=False)
