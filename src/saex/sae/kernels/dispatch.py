@@ -102,10 +102,10 @@ def ranking_keys(z: torch.Tensor) -> torch.Tensor:
 
 def grouped_topk(z_BS: torch.Tensor, k: int, G: int) -> torch.Tensor:
     """The latents of torch.topk's selection of ReLU(z) (ties aside; it ranks `ranking_keys`), found
-    through the rows' groups of G entries:
-    the k largest entries lie in the k groups with the largest maxima (an entry outside them has k group
-    maxima at least as large above it), so a top-k over the group maxima, then over those k G entries,
-    finds them while reading z once  -> indices [B, k], unordered. S must be a multiple of G."""
+    through the rows' groups of G entries  -> indices [B, k], unordered. The k largest entries lie in the
+    k groups with the largest maxima (an entry outside them has k group maxima at least as large above
+    it), so a top-k over the group maxima, then over those k G entries, finds them while reading z once.
+    S must be a multiple of G."""
     B, S = z_BS.shape
     keys = ranking_keys(z_BS)
     maxima = triton_ops.group_max(keys, G) if triton_ops.usable(keys) else keys.reshape(B, S // G, G).amax(-1)
