@@ -90,6 +90,25 @@ def test_a_sparse_step_with_no_entry_at_all_matches_the_dense_one(arch):
         assert torch.allclose(g, grads[0].get(name, torch.zeros_like(g))), name
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated", "prolu"])
+def test_bfloat16_parameters_step_on_both_paths(arch):
+    """saex trains float32 masters, but a bfloat16 SAE (loaded so, say) must still step: both paths give
+    gradients in the parameters' dtype and losses alike to bfloat16's precision."""
+    torch.manual_seed(0)
+    kw = dict(d_in=16, d_sae=64, architecture=arch, select_precision="float32", jumprelu_bandwidth=0.5)
+    dense = SAE(SAEConfig(encoder_kernel="dense", **kw)).to(torch.bfloat16)
+    sparse = SAE(SAEConfig(encoder_kernel="sparse", **kw)).to(torch.bfloat16)
+    sparse.load_state_dict(dense.state_dict())
+    sparse.arch.recent_l0.zero_()  # as after a sparse step
+    x = torch.randn(32, 16).bfloat16()
+    outs = [s.train_forward(x, TrainContext(sparsity_coefficient=0.3)) for s in (dense, sparse)]
+    assert torch.allclose(outs[0].loss.float(), outs[1].loss.float(), rtol=2e-2)
+    for s, o in zip((dense, sparse), outs):
+        o.loss.backward()
+        for name, p in s.named_parameters():
+            assert p.grad is None or (p.grad.dtype == torch.bfloat16 and p.grad.isfinite().all()), name
+
+
 @pytest.mark.parametrize("arch, quiet, loud", [("jumprelu", ("threshold", 10.0), ("threshold", -10.0)),
                                                ("relu", ("b_enc", -10.0), ("b_enc", 10.0))])
 def test_density_routing_follows_the_last_steps_l0(arch, quiet, loud):

@@ -87,11 +87,13 @@ class SparseJumpReLU(torch.autograd.Function):
         rows_F, indices_F, z_F, rows_P, indices_P, z_P = entries
         grad_theta = None
         if ctx.needs_input_grad[4]:
-            grad_theta = torch.zeros_like(theta_S)
+            # accumulated in float32 or wider (the L0's gradient is float32), returned in theta's dtype
+            grad_theta = torch.zeros_like(theta_S, dtype=torch.promote_types(theta_S.dtype, torch.float32))
             for rows, indices, z, grad in ((rows_F, indices_F, z_F, grad_values_F), (rows_P, indices_P, z_P, grad_probes_P)):
                 theta = theta_S[indices]
                 window = rectangle((z - theta) / ctx.eps)
-                grad_theta.index_add_(0, indices, -(window / ctx.eps) * (theta * grad + grad_l0_B[rows]))
+                grad_theta.index_add_(0, indices, (-(window / ctx.eps) * (theta * grad + grad_l0_B[rows])).to(grad_theta.dtype))
+            grad_theta = grad_theta.to(theta_S.dtype)
         grads = encoder_grads(ctx.needs_input_grad[:4], xc_BD, W_enc_SD, indices_F, grad_values_F, rows_F, offsets_F)
         return (*grads, grad_theta, None, None)
 
