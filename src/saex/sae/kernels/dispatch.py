@@ -72,7 +72,8 @@ def positive_mask(z: torch.Tensor, lower_S: torch.Tensor | None = None) -> torch
     latent shows in the loss); on CPUs over `ranking_keys` (3.1 against 4.6 ms at 1,024 x 6,144 bfloat16
     on 2 cores), whose order holds for non-negative bounds. A bound finer than z's dtype is rounded down
     to it, which keeps the comparison exact (z > bound iff z > the largest value of z's dtype <= bound)."""
-    bound = 0.0 if lower_S is None else _round_down(torch.where(lower_S.detach() > 0, lower_S.detach(), 0.0), z.dtype)
+    # 0 as an int: a float scalar would promote the integer keys to a float copy (5 ms at 1,024 x 6,144)
+    bound = 0 if lower_S is None else _round_down(torch.where(lower_S.detach() > 0, lower_S.detach(), 0.0), z.dtype)
     keys = ranking_keys(z)
     if keys.dtype == z.dtype:
         return ~(z.detach() <= bound)
