@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import transformers as T
 
 from saex.models.zoo import ZOO
@@ -32,6 +33,12 @@ def _build(name: str):
         config = T.Dinov2Config(**VISION, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2,
                                 layerscale_value=0.5)
         return T.Dinov2Model(config), T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if name == "dinov2_with_registers":
+        config = T.Dinov2WithRegistersConfig(**VISION, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                             mlp_ratio=2, layerscale_value=0.5, num_register_tokens=4)
+        model = T.Dinov2WithRegistersModel(config)
+        torch.nn.init.normal_(model.embeddings.register_tokens)  # zeros at init: make the registers tell apart
+        return model, T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     if name == "siglip":
         config = T.SiglipVisionConfig(**VISION, **COMMON)
         return T.SiglipVisionModel(config), T.SiglipImageProcessor(size={"height": 32, "width": 32})
@@ -48,7 +55,7 @@ def _build(name: str):
     raise KeyError(name)
 
 
-TINY_FAMILIES = ("clip", "vit", "dinov2", "siglip", "bert", "gpt2", "llama")
+TINY_FAMILIES = ("clip", "vit", "dinov2", "dinov2_with_registers", "siglip", "bert", "gpt2", "llama")
 
 
 def save_tiny(name: str, folder: Path) -> Path:

@@ -10,7 +10,16 @@ import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all, with the permissions the user's umask gives a new file
+    (mkstemp's file is private to its owner; a shared run folder is meant to be read by the group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -18,8 +27,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the file: a full disk's write names none
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -37,8 +50,9 @@ def atomic_folder(dest: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         yield tmp
+        mask = umask()
         for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes private folders; these are ordinary files
-            p.chmod(0o755 if p.is_dir() else 0o644)
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
             dest.rename(old)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -120,13 +122,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsaex {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, IndexError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 (one line for the user; SAEX_DEBUG=1 shows the traceback)
         if os.environ.get("SAEX_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"saex {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"saex {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
     return 0
+
+
+# what a user's input or machine can cause: said in a line (exit 2); anything else is saex's bug (exit 1)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, IndexError, ImportError, OSError, sqlite3.Error)
+
+
+def error_message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "disk is full" in str(e):
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return f"no space left on the device{where}; free some and run the same command again: it resumes"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    return f"{type(e).__name__}: {e} (this is a bug in saex; SAEX_DEBUG=1 shows where, please report it)"
 
 
 def markdown_reference() -> str:

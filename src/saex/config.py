@@ -85,14 +85,23 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg, path: Path) -> None:
-    from saex.atomic import atomic_write_json
+def to_json(cfg) -> str:
+    return json.dumps({"type": type(cfg).__name__, **to_dict(cfg)}, indent=2) + "\n"
 
-    atomic_write_json(Path(path), {"type": type(cfg).__name__, **to_dict(cfg)})
+
+def save(cfg, path: Path) -> None:
+    from saex.atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), to_json(cfg).encode())
 
 
 def load(cls, path: Path):
-    data = json.loads(Path(path).read_text())
-    data.pop("type", None)
+    """The config saved at `path`; ValueError naming the file when it is not one of `cls`."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except ValueError as e:  # invalid JSON or UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("type", cls.__name__) != cls.__name__:
+        raise ValueError(f"{path} does not hold a {cls.__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})

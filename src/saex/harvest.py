@@ -47,8 +47,9 @@ class HarvestConfig:
     """Hook points, e.g. blocks.3.hook_resid_post (several allowed, captured in one forward pass;
     default: the second-to-last block's hook_resid_post)."""
     tokens: str | None = None
-    """Token selection: cls, patches or all for images (default cls); content (no padding, no special
-    tokens), all (no padding) or first for text (default content)."""
+    """Token selection: cls, patches, registers (models with register tokens, e.g. DINOv2 with registers)
+    or all for images (default cls); content (no padding, no special tokens), all (no padding) or first
+    for text (default content)."""
     max_examples: int | None = None
     """Harvest at most this many examples."""
     order: Literal["shuffled", "dataset"] = "shuffled"

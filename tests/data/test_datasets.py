@@ -77,7 +77,7 @@ def test_text_and_jsonl_files(tmp_path):
         {"body": "x", "topic": "b"}, {"body": "y", "topic": "a"}]))
     js = open_dataset(str(tmp_path / "b.jsonl"), text_field="body", label_field="topic")
     assert js.label_names == ["a", "b"] and [js[0].label, js[1].label] == [1, 0]
-    with pytest.raises(KeyError, match="has no field 'text'"):
+    with pytest.raises(ValueError, match="has no field 'text'"):
         open_dataset(str(tmp_path / "b.jsonl"))
 
 

@@ -10,6 +10,7 @@ from saex.cli import main
 from saex.explorer.scan import Scan
 from saex.sae.io import load_sae
 from saex.store import ActivationStore
+from tests.crafted import crafted_pickle
 
 
 def _build(run, model, dataset, tokens, hook, n=200, extra=()):
@@ -102,13 +103,31 @@ def test_killed_index_resumes_to_the_same_database(image_index, tmp_path, monkey
 
     monkeypatch.setattr(Scan, "scan_shard", dies_after_two)
     assert main(["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4", "--overwrite"]) == 130
-    assert (run / "index" / "topk" / "scan.pt").exists()
+    out = run / "index" / "topk"
+    assert (out / "scan.safetensors").exists()
+    thumbs = sorted(p.name for p in (out / "thumbs").iterdir())
+    # what a SIGKILL while writing the database and the thumbnails leaves behind
+    for stale in (".index.sqlite.99999.tmp", ".index.sqlite.99999.tmp-journal", "thumbs/.3.png.x1y2.tmp",
+                  "thumbs/123456.png"):
+        (out / stale).write_bytes(b"left by a kill")
     monkeypatch.setattr(Scan, "scan_shard", original)
     assert main(["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4"]) == 0
-    # resumed from the saved scan, not rebuilt: the same as the uninterrupted index
-    resumed = sqlite3.connect(run / "index" / "topk" / "index.sqlite")
+    # resumed from the saved scan, not rebuilt: the same as the uninterrupted index, and nothing left over
+    resumed = sqlite3.connect(out / "index.sqlite")
     for table in ("features", "feature_examples", "example_features", "feature_labels"):
         assert sorted(db.execute(f"SELECT * FROM {table}")) == sorted(resumed.execute(f"SELECT * FROM {table}")), table
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "index.sqlite", "thumbs"]
+    assert sorted(p.name for p in (out / "thumbs").iterdir()) == thumbs
+
+
+def test_a_crafted_pickle_in_place_of_the_scan_state_runs_nothing(image_index, tmp_path):
+    run, _ = image_index
+    marker = tmp_path / "pwned"
+    (run / "index" / "topk").mkdir(parents=True, exist_ok=True)
+    (run / "index" / "topk" / "scan.safetensors").write_bytes(crafted_pickle(marker))
+    args = ["index", "--run", str(run), "--top", "5", "--samples", "3", "--per-example", "4"]
+    assert main(args) == 2
+    assert not marker.exists()
 
 
 def test_text_index_has_token_windows(tmp_path, tiny_model_dir):
@@ -127,3 +146,17 @@ def test_index_asks_which_sae_when_there_are_several(image_run, capsys):
     assert "name one with --sae" in capsys.readouterr().err
     assert main(["index", "--run", str(image_run), "--sae", "nope"]) == 2
     assert "no SAE named ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("positions, grid", [(range(1, 17), (1, 4)), (range(17), (1, 4)), (range(16), (0, 4)),
+                                             (range(5, 21), (5, 4)), (range(21), (5, 4)), ([0, 2, 3], None)])
+def test_patch_grid_sits_after_the_class_and_register_tokens(positions, grid):
+    from saex.explorer.index import _patch_grid
+
+    class Store:  # an example's rows at these token positions: [CLS] 0, registers 1..4, patches 5..20
+        def take(self, column, rows):
+            return torch.tensor(list(positions))[rows]
+
+    examples = torch.tensor([[0, 0, len(positions), 0]])
+    found = _patch_grid(Store(), examples)
+    assert (found and (found["offset"], found["side"])) == grid

@@ -59,7 +59,7 @@ def _mlp_of_residual(family, block, resid_mid):
         return block.mlp(block.layer_norm2(resid_mid))
     if family == "vit":
         return block.mlp(block.layernorm_after(resid_mid))
-    if family == "dinov2":
+    if family.startswith("dinov2"):
         return block.layer_scale2(block.mlp(block.norm2(resid_mid)))
     if family == "gpt2":
         return block.mlp(block.ln_2(resid_mid))

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from saex.cli import main
 from saex.sae.io import load_sae
+from saex.statefile import load_state, save_state
 from saex.train import TrainConfig, expand_sweep, train
 from tests.train.synthetic import mmcs, toy_activations, write_store
 
@@ -79,20 +80,20 @@ def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path, capsys)
     )
     proc = subprocess.run([sys.executable, "-c", crash, *args, "--name", "killed"], capture_output=True)
     assert proc.returncode == -9
-    assert list((run / "checkpoints").glob("train-*.pt")), "a checkpoint must survive the kill"
-    # a checkpoint of an older format (before the latent-major encoder) is refused by name, not half-loaded
-    checkpoint = next((run / "checkpoints").glob("train-*.pt"))
+    assert list((run / "checkpoints").glob("train-*.safetensors")), "a checkpoint must survive the kill"
+    # a checkpoint of another format is refused by name, not half-loaded
+    checkpoint = next((run / "checkpoints").glob("train-*.safetensors"))
     good = checkpoint.read_bytes()
-    state = torch.load(checkpoint, weights_only=False)
+    state = load_state(checkpoint)
     del state["identity"]["format"]
-    torch.save(state, checkpoint)
+    save_state(checkpoint, state)
     assert main(args + ["--name", "killed"]) == 2
     assert "different training config" in capsys.readouterr().err
     checkpoint.write_bytes(good)
     assert main(args + ["--name", "killed"]) == 0
     a, b = _weights(run / "saes" / "whole"), _weights(run / "saes" / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list((run / "checkpoints").glob("train-*.pt"))
+    assert not list((run / "checkpoints").glob("train-*"))
 
 
 def test_sweep_errors():

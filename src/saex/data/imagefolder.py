@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from saex.data.base import Example, UnreadableExample, check_index
 
@@ -37,7 +37,7 @@ class ImageFolder:
         try:
             with Image.open(self.paths[i]) as im:
                 image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
             raise UnreadableExample(str(self.paths[i]), str(e)) from e
         return Example(i, rel.as_posix(), image, label)
 

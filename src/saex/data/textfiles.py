@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 
-from saex.data.base import Example, check_index
+from saex.data.base import JSON_TYPES, BadDataFile, Example, check_index, parse_json, read_text
+
+JSONL_RECORD = 'each non-empty line of a .jsonl file must be one JSON object, e.g. {"text": "...", "label": "..."}'
 
 
 class TextFile:
@@ -17,20 +19,16 @@ class TextFile:
             raise FileNotFoundError(f"text file {self.path} does not exist")
         self.text_field, self.label_field = text_field, label_field
         texts, labels = [], []
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if self.path.suffix == ".jsonl":
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise KeyError(f"{self.path}:{lineno} has no field {text_field!r} "
-                                       f"(fields: {sorted(record)}); set --text-field")
-                    texts.append((lineno, str(record[text_field])))
-                    labels.append(record.get(label_field) if label_field else None)
-                else:
-                    texts.append((lineno, line.rstrip("\n")))
-                    labels.append(None)
+        for lineno, line in enumerate(io.StringIO(read_text(self.path), newline=None), 1):
+            if not line.strip():
+                continue
+            if self.path.suffix == ".jsonl":
+                record = parse_json(line, self.path, JSONL_RECORD, lineno)
+                texts.append((lineno, self._text(record, lineno)))
+                labels.append(record.get(label_field) if label_field else None)
+            else:
+                texts.append((lineno, line.rstrip("\n")))
+                labels.append(None)
         if not texts:
             raise ValueError(f"{self.path} holds no text")
         self.texts = texts
@@ -38,6 +36,18 @@ class TextFile:
         self.label_names = names or None
         index = {n: i for i, n in enumerate(names)}
         self.labels = [index[str(x)] if x is not None else -1 for x in labels]
+
+    def _text(self, record, lineno: int) -> str:
+        if not isinstance(record, dict):
+            raise BadDataFile(self.path, f"the record is {JSON_TYPES[type(record)]}; {JSONL_RECORD}", lineno)
+        if self.text_field not in record:
+            raise BadDataFile(self.path, f"the record has no field {self.text_field!r} (fields: {sorted(record)}); "
+                                         "set --text-field to the one holding the text", lineno)
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise BadDataFile(self.path, f"field {self.text_field!r} is {JSON_TYPES[type(text)]}, not a string; "
+                                         "set --text-field to the one holding the text", lineno)
+        return text
 
     def __len__(self) -> int:
         return len(self.texts)

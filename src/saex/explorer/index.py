@@ -23,11 +23,14 @@ from saex.data import reopen
 from saex.explorer.scan import Scan
 from saex.explorer.schema import SCHEMA
 from saex.explorer.windows import token_windows
+from saex.locks import exclusive
 from saex.runlog import JsonlLog, progress
 from saex.sae.io import load_sae, saved_saes
+from saex.statefile import load_state, save_state
 from saex.store import ActivationStore
 
 INDEX = "index.sqlite"
+SCAN = "scan.safetensors"  # the pass's state while it runs (a kill resumes from it)
 
 
 @dataclass
@@ -64,7 +67,12 @@ def build_index(cfg: IndexConfig) -> Path:
         raise ValueError(f"{run / 'saes'} holds {[f.name for f in folders]}; name one with --sae")
     folder = folders[0]
     out = run / "index" / folder.name
-    if (out / INDEX).exists() and not cfg.overwrite:
+    with exclusive([run / "locks" / f"index-{folder.name}.lock"], "saex index"):
+        return _build(cfg, run, store, folder, out)
+
+
+def _build(cfg: IndexConfig, run: Path, store: ActivationStore, folder: Path, out: Path) -> Path:
+    if (out / INDEX).exists() and not cfg.overwrite and not (out / SCAN).exists():  # (a scan left: unfinished)
         print(f"{out / INDEX} exists (--overwrite rebuilds it)")
         return out
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -72,11 +80,11 @@ def build_index(cfg: IndexConfig) -> Path:
     hook = sae.metadata.get("hook") or store.hooks[0]
     column = store.acts(hook)
     scan = Scan(sae.d_sae, cfg.top, cfg.samples, cfg.per_example)
-    state_path = out / "scan.pt"
+    state_path = out / SCAN
     identity = {"sae": folder.name, "rows": len(store), "top": cfg.top, "samples": cfg.samples,
                 "per_example": cfg.per_example}
     if state_path.exists() and not cfg.overwrite:
-        state = torch.load(state_path, weights_only=False)
+        state = load_state(state_path)
         if state["identity"] == identity:
             scan.load_state_dict(state["scan"])
     log = JsonlLog(run, "index")
@@ -84,9 +92,7 @@ def build_index(cfg: IndexConfig) -> Path:
     bar = progress(len(store), f"index {folder.name}", "rows", initial=scan.rows)
     for shard in range(scan.next_shard, len(store.shards)):
         scan.scan_shard(sae, store, shard, column, cfg.chunk_rows)
-        buffer = io.BytesIO()
-        torch.save({"identity": identity, "scan": scan.state_dict()}, buffer)
-        atomic_write_bytes(state_path, buffer.getvalue())
+        save_state(state_path, {"identity": identity, "scan": scan.state_dict()})
         bar.update(store.shards[shard]["rows"])
     bar.close()
     _write(out, cfg, store, sae.cpu(), hook, scan)
@@ -152,12 +158,14 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
     referenced = set(scan.top.example_SK[scan.top.example_SK >= 0].tolist()) | \
         set(scan.sample.example_SK[scan.sample.example_SK >= 0].tolist())
     windows = token_windows(store, sae, hook, scan, examples, manifest, cfg.window) if manifest["modality"] == "text" else {}
+    for stale in out.glob(f".{INDEX}.*"):  # a killed run's database and its journal (the lock is ours)
+        stale.unlink()
     tmp = out / f".{INDEX}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
     db = sqlite3.connect(tmp)
     db.executescript(SCHEMA)
     metrics_path = Path(cfg.run) / "saes" / sae.metadata.get("name", out.name) / "metrics.json"
-    meta["patch_grid"] = _patch_grid(store, examples) if manifest["modality"] == "image" and manifest["tokens"] != "cls" else None
+    grid = manifest["modality"] == "image" and manifest["tokens"] in ("patches", "all")
+    meta["patch_grid"] = _patch_grid(store, examples) if grid else None
     meta.update(sae=out.name, hook=hook, model=manifest["model"], modality=manifest["modality"],
                 tokens=manifest["tokens"], label_names=manifest.get("label_names"), d_sae=sae.d_sae,
                 rows=scan.rows, examples=len(examples), top=cfg.top,
@@ -180,6 +188,10 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
         thumb = _thumbnail(item.input, thumbs, ex, cfg.thumb_size) if ex in referenced and manifest["modality"] == "image" else None
         text = item.input if manifest["modality"] == "text" else None
         example_rows.append((ex, item.id, label, text, thumb, first, n))
+    kept = {row[4] for row in example_rows}
+    for stale in thumbs.iterdir():  # a killed run's temporaries, and thumbnails of an index built before
+        if stale.name not in kept:
+            stale.unlink()
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", example_rows)
     ef = []
     for shard_examples, feats in zip(scan.examples, scan.example_features):
@@ -193,15 +205,18 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan) -> None:
 
 
 def _patch_grid(store, examples: torch.Tensor) -> dict | None:
-    """Where an example's patch tokens sit: positions offset .. offset + side^2 - 1 (after a class token)."""
+    """Where an example's patch tokens sit: positions offset .. offset + side^2 - 1, after a class token and
+    any register tokens (the smallest offset after which the rest, most of the example, is a square)."""
     if not len(examples):
         return None
     first, n = int(examples[0, 1]), int(examples[0, 2])
     positions = store.take("position", torch.arange(first, first + n)).tolist()
-    for offset in (1, 0):
+    for offset in sorted(set(positions)):
         patches = [p for p in positions if p >= offset]
         side = round(len(patches) ** 0.5)
-        if side * side == len(patches) and patches == list(range(offset, offset + side * side)):
+        if 2 * len(patches) < len(positions):
+            break
+        if side >= 2 and side * side == len(patches) and patches == list(range(offset, offset + side * side)):
             return {"offset": offset, "side": side}
     return None
 

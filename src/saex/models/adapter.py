@@ -12,10 +12,11 @@ from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_dire
 from saex.models.hooks import HookPoint, all_hook_names, parse_hook
 
 TOKEN_CHOICES = {
-    "image": ("cls", "patches", "all"),
+    "image": ("cls", "patches", "registers", "all"),  # registers: only models that have register tokens
     "text": ("content", "all", "first"),
 }
 DEFAULT_TOKENS = {"image": "cls", "text": "content"}
+NEEDS = {"cls": "class token", "registers": "register tokens"}  # what an image selection needs the model to have
 
 
 class _StopForward(Exception):
@@ -53,6 +54,9 @@ class ModelAdapter:
         self.n_layers: int = config.num_hidden_layers
         self.d_model: int = config.hidden_size
         self.num_channels: int = getattr(config, "num_channels", 3)
+        # images: [CLS] (if the family has one), then the register tokens (DINOv2 with registers), then the patches
+        self.n_registers: int = getattr(config, "num_register_tokens", 0)
+        self.n_prefix: int = int(self.family.has_cls) + self.n_registers  # image tokens before the patches
         self.blocks = blocks_of(self.backbone, self.n_layers)
         # images: the processor's integer work (decode, resize, crop) runs in prepare(), possibly in DataLoader
         # workers; rescaling and normalising wait for on_device(), on the model's device. Pixels then travel
@@ -76,13 +80,19 @@ class ModelAdapter:
         """[d_mlp, d_model] output vectors of block `layer`'s MLP neurons (float32, CPU)."""
         return mlp_out_directions(self.blocks[layer], self.d_model).float().cpu()
 
+    def token_choices(self) -> list[str]:
+        """The token selections this model offers."""
+        has = {"cls": self.family.has_cls, "registers": self.n_registers > 0}
+        return [t for t in TOKEN_CHOICES[self.modality] if has.get(t, True)]
+
     def check_tokens(self, tokens: str) -> str:
-        valid = TOKEN_CHOICES[self.modality]
-        if tokens not in valid:
-            raise ValueError(f"token selection {tokens!r} is not valid for a {self.modality} model; valid: {list(valid)}")
-        if tokens == "cls" and not self.family.has_cls:
-            raise ValueError(f"{self.name} ({self.family.name}) has no class token; use 'patches' or 'all'")
-        return tokens
+        valid = self.token_choices()
+        if tokens in valid:
+            return tokens
+        what = (f"which has no {NEEDS[tokens]}" if tokens in TOKEN_CHOICES[self.modality]
+                else f"which reads {self.modality}")
+        raise ValueError(f"token selection {tokens!r} is not valid for {self.name} ({self.family.name}, {what}); "
+                         f"valid: {valid}")
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -126,13 +136,11 @@ class ModelAdapter:
         """Bool [B, T] of the token positions that `tokens` selects (on the CPU)."""
         if self.modality == "image":
             B = next(iter(batch.inputs.values())).shape[0]
+            spans = {"cls": (0, 1), "registers": (int(self.family.has_cls), self.n_prefix),
+                     "patches": (self.n_prefix, n_tokens), "all": (0, n_tokens)}
+            start, end = spans[tokens]
             mask = torch.zeros(B, n_tokens, dtype=torch.bool)
-            if tokens == "all" or (tokens == "patches" and not self.family.has_cls):
-                mask[:] = True
-            elif tokens == "cls":
-                mask[:, 0] = True
-            else:
-                mask[:, 1:] = True
+            mask[:, start:end] = True
             return mask
         real = batch.attention_BT.bool()
         if tokens == "all":

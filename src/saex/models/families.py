@@ -19,7 +19,7 @@ class Family:
     name: str
     modality: Modality
     model_types: tuple[str, ...]
-    has_cls: bool = True  # vision: the first token is a class token
+    has_cls: bool = True  # vision: the first token is a class token (register tokens, if any, follow it)
     dual_tower: bool = False  # CLIP/SigLIP full models: run the vision tower, keep the text tower
     causal: bool = False
 
@@ -30,6 +30,7 @@ FAMILIES = (
            has_cls=False, dual_tower=True),
     Family("vit", "image", ("vit",)),
     Family("dinov2", "image", ("dinov2",)),
+    Family("dinov2_with_registers", "image", ("dinov2_with_registers",)),  # [CLS], registers, patches
     Family("bert", "text", ("bert", "roberta", "xlm-roberta", "electra", "camembert")),
     Family("gpt2", "text", ("gpt2",), causal=True),
     Family("llama", "text", ("llama", "mistral", "qwen2", "qwen3"), causal=True),

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from saex.store.files import mmap_tensor, read_header, sha256_file
+from saex.store.files import check_shard, mmap_tensor, read_header, sha256_file
 from saex.store.manifest import ACTS_PREFIX, acts_column, load_manifest
 
 
 class ActivationStore:
     def __init__(self, folder: str | Path):
+        """Opens the store and checks what is cheap to check: the manifest's structure, and every shard's
+        header and length against it (no data is read; `verify` compares the bytes with their sha256)."""
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         self.shards = self.manifest["shards"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # first row of each shard
+        for i, s in enumerate(self.shards):
+            check_shard(self._path(i), self.manifest["columns"], s["rows"])
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -49,14 +55,53 @@ class ActivationStore:
         return mmap_tensor(self._path(shard), column)
 
     def example_ids(self, shard: int) -> list[str]:
+        """The ids of the examples whose rows the shard holds, in order."""
         header, _ = read_header(self._path(shard))
-        return json.loads(header["__metadata__"]["example_ids"])
+        try:
+            ids = json.loads(header["__metadata__"]["example_ids"])
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("not a list of strings")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self._path(shard)} has no readable example ids in its metadata ({e!r}); "
+                             "the shard is corrupt: re-harvest the store") from None
+        return ids
 
-    def verify(self) -> None:
-        """Check every shard's sha256 against the manifest."""
-        for i, s in enumerate(self.shards):
+    def verify(self, shards: list[int] | None = None) -> None:
+        """Check the sha256 of every shard (or of `shards`) against the manifest."""
+        for i in range(len(self.shards)) if shards is None else shards:
+            s = self.shards[i]
             if sha256_file(self._path(i)) != s["sha256"]:
-                raise ValueError(f"{self._path(i)} does not match the sha256 in the manifest; the shard is corrupt")
+                raise ValueError(f"{self._path(i)} does not match the sha256 in {self.folder / 'manifest.json'}: "
+                                 "its bytes changed after the harvest wrote it; re-harvest the store")
+
+    def verify_in_background(self) -> Future:
+        """`verify` in a thread (hashlib releases the GIL): its result raises the first mismatch."""
+        future: Future = Future()
+
+        def run():
+            try:
+                self.verify()
+                future.set_result(None)
+            except BaseException as e:  # noqa: BLE001 (handed to whoever asks for the result)
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="saex-verify", daemon=True).start()  # daemon: never holds up an exit
+        return future
+
+    def nonfinite_rows(self, column: str) -> list[tuple[int, int]]:
+        """(shard, row in the shard) of every row of `column` holding a NaN or an infinity."""
+        found = []
+        for i in range(len(self.shards)):
+            bad = ~torch.isfinite(self.shard(i, column)).flatten(1).all(1)
+            found += [(i, int(r)) for r in bad.nonzero().flatten()]
+        return found
+
+    def describe_rows(self, rows: list[tuple[int, int]]) -> str:
+        """Where (shard, row) pairs sit, for a message: the shard's file, the row in it, the store row and
+        the example's index in the dataset (the first three)."""
+        parts = [f"{self._path(i)} row {r} (store row {int(self.offsets[i]) + r}, dataset example "
+                 f"{int(self.shard(i, 'example')[r])})" for i, r in rows[:3]]
+        return "; ".join(parts) + (f"; and {len(rows) - 3} more rows" if len(rows) > 3 else "")
 
     def iter_ordered(self, columns: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of rows in store order (the last one may be short)."""

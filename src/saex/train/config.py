@@ -11,7 +11,7 @@ from saex.sae.config import SAEConfig
 
 # fields shared by every SAE of a sweep (one stream, one loop); everything else may be swept
 SHARED = {"run", "hook", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
-          "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project"}
+          "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project", "verify", "skip_nonfinite"}
 
 
 @dataclass
@@ -63,6 +63,11 @@ class TrainConfig(SAEConfig):
     """Log metrics to RUN/logs/train.jsonl every this many steps."""
     overwrite: bool = False
     """Retrain SAEs that already exist."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest in a background thread while training; a mismatch
+    stops the run before anything is saved (--no-verify: shard sizes and headers only, checked on open)."""
+    skip_nonfinite: bool = False
+    """Train without activation rows holding NaN or infinity (counted in the log) instead of stopping at them."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works without network)."""
 

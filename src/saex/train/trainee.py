@@ -24,6 +24,9 @@ class Trainee:
         self.fired_count_S = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)  # since last re-sort
         self.last: dict = {}
         self.autocast = cfg.autocast and native_bfloat16(device)
+        # the first step whose loss was not finite (-1: none), kept on the device: on a GPU, asking every step
+        # would wait for it; on the CPU the loop asks every step (free there), elsewhere when it logs
+        self.diverged_at = torch.tensor(-1, device=device)
 
     def step(self, x_BD: torch.Tensor, step: int) -> None:
         cfg = self.cfg
@@ -38,6 +41,8 @@ class Trainee:
         with autocast:
             out = self.sae.train_forward(x_BD, ctx)
             loss = out.loss
+        self.diverged_at = torch.where((self.diverged_at < 0) & ~torch.isfinite(loss.detach()), step,
+                                       self.diverged_at)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.arch.before_optimizer_step(self.sae)
@@ -67,6 +72,14 @@ class Trainee:
         self.dead.since_S.copy_(self.dead.since_S[perm])
         self.fired_count_S.zero_()
 
+    def check_finite(self) -> None:
+        """Raise (naming the step) once the loss has not been finite: nothing trained after it is kept."""
+        step = int(self.diverged_at)
+        if step >= 0:
+            raise ValueError(f"{self.name} diverged: its loss was not finite at step {step + 1} (a learning rate "
+                             f"of {self.opt.param_groups[0]['lr']:.3g} then); nothing was saved past the last "
+                             "checkpoint. Lower --lr, or raise --grad-clip, and run again (--overwrite starts over)")
+
     def metrics(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.last.items()}
         out["dead_frac"] = float(self.dead.dead().float().mean())
@@ -75,7 +88,8 @@ class Trainee:
 
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "dead": self.dead.state_dict(),
-                "generator": self.generator.get_state(), "fired_count_S": self.fired_count_S.cpu()}
+                "generator": self.generator.get_state(), "fired_count_S": self.fired_count_S.cpu(),
+                "last": {k: v.cpu() for k, v in self.last.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
@@ -83,3 +97,4 @@ class Trainee:
         self.dead.load_state_dict(state["dead"])
         self.generator.set_state(state["generator"].cpu())  # a CPU byte tensor, whatever map_location did
         self.fired_count_S.copy_(state["fired_count_S"])
+        self.last = dict(state["last"])

@@ -1,0 +1,44 @@
+"""One writer at a time: an advisory lock per thing a stage writes (a run's SAE, index or store).
+
+The kernel releases the lock when its holder dies, however it dies, so a killed stage never leaves a
+lock that blocks its rerun; the file that carries it may stay and means nothing on its own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking (saex's runs are written on Linux and macOS)
+    fcntl = None
+
+
+@contextlib.contextmanager
+def exclusive(paths: list[Path], what: str):
+    """Hold the locks at `paths` (sorted, so that two stages never wait on each other); a held one
+    raises ValueError saying which process holds it."""
+    with contextlib.ExitStack() as stack:
+        for path in sorted(set(map(Path, paths))):
+            stack.enter_context(_lock(path, what))
+        yield
+
+
+@contextlib.contextmanager
+def _lock(path: Path, what: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise ValueError(f"another {what} is writing the same output (pid {holder}, lock {path}); "
+                                 "wait for it to finish, or choose another --name") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
