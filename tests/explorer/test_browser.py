@@ -1,6 +1,7 @@
 """Every page and the game in a real headless Chromium (Debian's), with screenshots kept as artefacts
 in test-artifacts/screenshots/."""
 
+import random
 import re
 import shutil
 import sqlite3
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from saex.explorer.app import create_app
+from saex.explorer.app import create_app, find_index
+from saex.explorer.db import IndexDB
 from tests.explorer.conftest import serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -106,17 +108,32 @@ def test_example_page_heatmap(browser, site, image_run):
     assert not errors, errors
 
 
-def test_game_scores_a_guess(browser, site):
+def _answer(run, seed, mode="input"):
+    """The right choice of a seeded round, as the app draws it (the page itself does not tell it)."""
+    db = IndexDB(find_index(run))
+    example = db.game_round(random.Random(seed), 4, None)["answer"]
+    return example if mode == "input" else db.example(example)["label"]
+
+
+def _guess(page, choice):
+    page.click(f'.option[data-choice="{choice}"]')
+    page.wait_for_function("document.getElementById('verdict').textContent !== ''")  # the server tells the answer
+    return page.inner_text("#verdict")
+
+
+def test_game_scores_a_guess(browser, site, image_run):
     page, errors = _page(browser)
     page.goto(site + "/game?seed=7")
     assert page.locator(".option").count() == 4
     _shot(page, "game")
-    page.click('.option[data-correct="yes"]')
-    assert page.inner_text("#verdict") == "Right!"
+    assert _guess(page, _answer(image_run, 7)) == "Right!"
     assert page.inner_text("#score") == "1" and page.inner_text("#streak") == "1"
     page.goto(site + "/game?seed=8")
-    page.click('.option[data-correct="no"]')
+    answer = _answer(image_run, 8)
+    wrong = next(c for c in page.locator(".option").evaluate_all("bs => bs.map(b => +b.dataset.choice)") if c != answer)
+    assert _guess(page, wrong).startswith("Not this one")
     assert page.inner_text("#streak") == "0" and page.inner_text("#score") == "1"
+    assert page.locator(".option.right").get_attribute("data-choice") == str(answer)  # the answer, outlined
     _shot(page, "game-answered")
     assert not errors, errors
 
@@ -140,11 +157,10 @@ def test_text_feature_page_highlights_tokens(browser, text_run):
         server.should_exit = True
 
 
-def test_guess_the_class(browser, site):
+def test_guess_the_class(browser, site, image_run):
     page, errors = _page(browser)
     page.goto(site + "/game?mode=class&seed=5")
     assert page.locator(".option").count() == 10  # the ten Fashion-MNIST classes
-    page.click('.option[data-correct="yes"]')
-    assert page.inner_text("#verdict") == "Right!"
+    assert _guess(page, _answer(image_run, 5, "class")) == "Right!"
     _shot(page, "game-class")
     assert not errors, errors

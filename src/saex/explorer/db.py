@@ -8,6 +8,13 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+SQLITE_MAX_INT = 2**63 - 1  # SQLite integers are signed 64-bit: binding a larger Python int raises OverflowError
+
+
+def is_row_id(i: int) -> bool:
+    """Whether `i` may name a row: ids count from 0, and SQLite cannot even compare an int past its range."""
+    return 0 <= i <= SQLITE_MAX_INT
+
 
 @dataclass
 class Filters:
@@ -51,6 +58,8 @@ class IndexDB:
         return db
 
     def feature(self, j: int) -> dict | None:
+        if not is_row_id(j):
+            return None
         with self._connect() as db:
             row = db.execute("SELECT * FROM features WHERE id = ?", (j,)).fetchone()
             if row is None:
@@ -94,6 +103,8 @@ class IndexDB:
                 "entropy": [r[3] for r in rows], "cluster": [r[4] for r in rows]}
 
     def example(self, ex: int) -> dict | None:
+        if not is_row_id(ex):
+            return None
         with self._connect() as db:
             row = db.execute("SELECT * FROM examples WHERE example = ?", (ex,)).fetchone()
             if row is None:
@@ -114,10 +125,10 @@ class IndexDB:
             if len(pool) < candidates:
                 raise ValueError(f"the index has {len(pool)} examples with a picture or text; the game needs {candidates}")
             answer = rng.choice(pool)
-            where = "" if max_log_density is None else f" AND f.density <= {10 ** float(max_log_density)!r}"
+            where, args = ("", []) if max_log_density is None else (" AND f.density <= ?", [10.0 ** max_log_density])
             feats = [r[0] for r in db.execute(
                 "SELECT ef.feature FROM example_features ef JOIN features f ON f.id = ef.feature "
-                f"WHERE ef.example = ?{where} ORDER BY ef.rank LIMIT 3", (answer,))]
+                f"WHERE ef.example = ?{where} ORDER BY ef.rank LIMIT 3", [answer, *args])]
         others = rng.sample([p for p in pool if p != answer], candidates - 1)
         options = others + [answer]
         rng.shuffle(options)

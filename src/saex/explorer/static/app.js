@@ -70,19 +70,22 @@ const saex = (() => {
     }
   }
 
-  function game() {
+  function game() {  // the page holds a round token, not the answer: the server tells it after the guess
     const key = "saex-game", state = JSON.parse(localStorage.getItem(key) || '{"score":0,"streak":0}');
+    const options = document.getElementById("options"), verdict = document.getElementById("verdict");
     const show = () => { document.getElementById("score").textContent = state.score; document.getElementById("streak").textContent = state.streak; };
     show();
-    document.querySelectorAll(".option").forEach(b => b.addEventListener("click", () => {
-      if (document.getElementById("options").dataset.done) return;
-      document.getElementById("options").dataset.done = "1";
-      const right = b.dataset.correct === "yes";
-      b.classList.add(right ? "right" : "wrong");
-      document.querySelector('.option[data-correct="yes"]').classList.add("right");
-      state.score += right ? 1 : 0; state.streak = right ? state.streak + 1 : 0;
+    options.querySelectorAll(".option").forEach(b => b.addEventListener("click", async () => {
+      if (options.dataset.done) return;
+      options.dataset.done = "1";
+      const r = await fetch(`/api/game/check?round=${encodeURIComponent(options.dataset.round)}&choice=${b.dataset.choice}`);
+      if (!r.ok) { verdict.textContent = "This round was answered already or is too old: play the next one."; return; }
+      const { correct, answer } = await r.json();
+      b.classList.add(correct ? "right" : "wrong");
+      options.querySelector(`.option[data-choice="${answer}"]`).classList.add("right");
+      state.score += correct ? 1 : 0; state.streak = correct ? state.streak + 1 : 0;
       localStorage.setItem(key, JSON.stringify(state)); show();
-      document.getElementById("verdict").textContent = right ? "Right!" : "Not this one: the right answer is outlined in green.";
+      verdict.textContent = correct ? "Right!" : "Not this one: the right answer is outlined in green.";
     }));
   }
 
