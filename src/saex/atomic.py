@@ -60,6 +60,9 @@ def atomic_folder(dest: Path):
             shutil.rmtree(old)
         else:
             tmp.rename(dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, e.strerror, str(dest)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -200,3 +200,127 @@ def test_bad_config_errors():
         SAE(SAEConfig(d_in=4, d_sae=8, architecture="relu", matryoshka="fixed"))
     with pytest.raises(ValueError, match="matryoshka_groups must sum to 1"):
         SAE(dataclasses.replace(SAEConfig(d_in=4, d_sae=8, k=2, matryoshka="fixed"), matryoshka_groups=[0.5, 0.2]))
+
+
+def _saved(arch, tmp_path):
+    sae = _sae(arch)
+    _train_a_bit(sae)
+    return save_sae(sae.eval(), tmp_path / arch)
+
+
+def _edit(folder, cfg=None, tensors=None, drop=()):
+    """Rewrite a saved SAE's cfg.json (keys set, None deletes) and tensors (replaced, added or dropped)."""
+    from safetensors.torch import load_file, save_file
+
+    if cfg:
+        data = json.loads((folder / "cfg.json").read_text())
+        for key, value in cfg.items():
+            data.pop(key) if value is None else data.__setitem__(key, value)
+        (folder / "cfg.json").write_text(json.dumps(data))
+    if tensors or drop:
+        weights = {**load_file(folder / "sae_weights.safetensors"), **(tensors or {})}
+        save_file({k: v for k, v in weights.items() if k not in drop}, folder / "sae_weights.safetensors")
+    return folder
+
+
+def _refused(folder, file, *words):
+    with pytest.raises(ValueError) as e:
+        load_sae(folder)
+    assert str(folder / file) in str(e.value), e.value
+    for word in words:
+        assert word in str(e.value), e.value
+
+
+def test_truncated_weights_are_refused_naming_the_file(tmp_path):
+    folder = _saved("topk", tmp_path)
+    path = folder / "sae_weights.safetensors"
+    data = path.read_bytes()
+    for cut in (len(data) - 3, 200, 5):
+        path.write_bytes(data[:cut])
+        _refused(folder, "sae_weights.safetensors", "truncated")
+
+
+def test_a_wrong_width_names_the_tensor_and_the_shape_it_needs(tmp_path):
+    folder = _edit(_saved("relu", tmp_path), cfg={"d_in": 13, "saex": None})
+    _refused(folder, "sae_weights.safetensors", "W_enc has shape [12, 40]", "d_in=13 and d_sae=40 need [13, 40]")
+
+
+def test_missing_and_extra_tensors_name_them_and_the_architecture(tmp_path):
+    _refused(_edit(_saved("gated", tmp_path), drop=["r_mag"]), "sae_weights.safetensors", "'gated' SAE", "lacks ['r_mag']")
+    jumprelu = _edit(_saved("jumprelu", tmp_path), cfg={"architecture": "topk", "k": 5})  # threshold left over
+    _refused(jumprelu, "sae_weights.safetensors", "'topk' SAE", "also has ['threshold']", "another architecture")
+    _refused(_edit(_saved("relu", tmp_path), tensors={"W_skip": torch.zeros(12, 12)}), "sae_weights.safetensors",
+             "also has ['W_skip']")
+
+
+def test_the_architecture_must_be_the_one_saex_saved(tmp_path):
+    folder = _edit(_saved("topk", tmp_path), cfg={"architecture": "standard"})  # same tensors, other computation
+    _refused(folder, "cfg.json", "architecture is 'standard'", "'topk' SAE, saved with architecture 'topk'")
+    _refused(_edit(_saved("relu", tmp_path), cfg={"k": 4, "architecture": "topk"}), "cfg.json", "'relu' SAE")
+    folder = _saved("topk", tmp_path / "k")
+    _refused(_edit(folder, cfg={"k": 4}), "cfg.json", "k is 4", "saved with k 5")
+
+
+def test_invalid_or_incomplete_cfg_json_is_refused(tmp_path):
+    folder = _saved("relu", tmp_path)
+    (folder / "cfg.json").write_text('{"architecture": "standard", "d_in": 12,')
+    _refused(folder, "cfg.json", "not valid JSON")
+    (folder / "cfg.json").write_bytes(b'{"architecture": "\xff"}')
+    _refused(folder, "cfg.json", "not UTF-8")
+    (folder / "cfg.json").write_text("[1, 2]")
+    _refused(folder, "cfg.json", "JSON list", "must be a JSON object")
+    folder = _saved("relu", tmp_path / "b")
+    _refused(_edit(folder, cfg={"d_sae": None}), "cfg.json", "'d_sae' is missing", "an integer")
+    _refused(_edit(folder, cfg={"d_sae": "40"}), "cfg.json", "d_sae is '40'", "an integer")
+    _refused(_edit(folder, cfg={"d_sae": 40, "dtype": "int8"}), "cfg.json", "dtype 'int8'", "float32")
+    _refused(_edit(folder, cfg={"dtype": "float32", "saex": {"sae": {"d_in": 12, "d_sae": 40, "k": "five"}}}),
+             "cfg.json", "saex.sae.k is 'five'", "an integer")
+    _refused(_edit(folder, cfg={"saex": {"sae": {"d_in": 12, "d_sae": 40, "architecture": "relu",
+                                                 "encoder_kernel": "fast"}}}),
+             "cfg.json", "saex.sae.encoder_kernel is 'fast'", "one of ['sparse', 'dense']")
+    with pytest.raises(FileNotFoundError, match="sae_weights.safetensors is missing"):
+        (folder / "sae_weights.safetensors").unlink()
+        load_sae(folder)
+    with pytest.raises(FileNotFoundError, match="cfg.json is missing"):
+        load_sae(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.float16])
+def test_tensors_in_another_dtype_than_the_cfg_are_refused(dtype, tmp_path):
+    folder = _edit(_saved("relu", tmp_path), tensors={"b_dec": torch.zeros(12, dtype=dtype)})
+    _refused(folder, "sae_weights.safetensors", "tensor b_dec is stored as", "it must be float32")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e12])
+def test_non_finite_or_absurd_weights_are_refused_naming_the_tensor(value, tmp_path):
+    folder = _saved("jumprelu", tmp_path)
+    _edit(folder, tensors={"threshold": torch.full((40,), 0.1).index_fill(0, torch.tensor([7]), value)})
+    _refused(folder, "sae_weights.safetensors", "tensor threshold")
+    _edit(_saved("gated", tmp_path / "g"), tensors={"r_mag": torch.full((40,), 200.0)})  # exp(200) overflows
+    _refused(tmp_path / "g" / "gated", "sae_weights.safetensors", "tensor r_mag")
+
+
+def test_batchtopk_threshold_must_be_one_value(tmp_path):
+    folder = _saved("batchtopk", tmp_path)
+    _edit(folder, tensors={"threshold": torch.linspace(0.1, 0.2, 40)})
+    _refused(folder, "sae_weights.safetensors", "40 different values")
+
+
+def test_prolu_is_saved_as_the_jumprelu_it_equals_and_old_prolu_folders_load(tmp_path):
+    sae = _sae("prolu")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)  # both signs: max(-b, 0) clips the positive ones
+    folder = save_sae(sae.eval(), tmp_path / "new")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["saex"]["sae"]["architecture"] == "prolu"
+    x = torch.randn(30, 12)
+    assert torch.equal(load_sae(folder).encode(x).dense(), sae.encode(x).dense())
+    from safetensors.torch import save_file  # saex before: architecture "prolu", b_enc as trained
+
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({"W_enc": sae.W_enc.detach().contiguous(), "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
+               "b_dec": sae.b_dec.detach()}, old / "sae_weights.safetensors")
+    (old / "cfg.json").write_text(json.dumps({**cfg, "architecture": "prolu"}))
+    assert torch.equal(load_sae(old)(x), sae(x))
+    _refused(_edit(folder, tensors={"b_enc": torch.ones(40)}), "sae_weights.safetensors", "b_enc all zeros")

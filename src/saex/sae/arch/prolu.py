@@ -39,7 +39,7 @@ class ProLUFn(torch.autograd.Function):
 
 
 class ProLU(RoutedByDensity):
-    saelens_name = "prolu"  # no SAELens equivalent
+    saelens_name = "jumprelu"  # at inference, what SAELens' JumpReLU computes (inference_state)
     sparse_max_density = 1 / 32  # as ReLU's: the same kernels
 
     def encode(self, sae, x_BD) -> Code:
@@ -64,3 +64,9 @@ class ProLU(RoutedByDensity):
         f_BS = ProLUFn.apply(m, sae.b_enc, self.cfg.prolu_grad == "ste")
         l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))
         return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
+
+    def inference_state(self, sae):
+        """m 1[m > max(-b, 0)] is SAELens' JumpReLU ReLU(z) 1[z > theta] with no encoder bias (z = m) and
+        theta = max(-b, 0)."""
+        b = sae.b_enc.detach()
+        return "jumprelu", {"b_enc": torch.zeros_like(b), "threshold": (-b).clamp_min(0)}
