@@ -4,11 +4,12 @@ Each setting trains a TopK SAE (d 384, 3,072 latents, batch 1,024, k 32: the sha
 a synthetic store in a fresh process, once alone and once beside `--busy` processes that each spin a
 core, and reports the median milliseconds per step from its log (the first steps left out).
 
-    .venv/bin/python benchmarks/contention.py                      # saex's defaults, 1 busy process
-    .venv/bin/python benchmarks/contention.py --settings default threads1 passive spin
+    .venv/bin/python benchmarks/contention.py                      # the tuner and pinned threads, 1 busy process
+    .venv/bin/python benchmarks/contention.py --settings default pinned active passive threads1 --busy 1
 
-Settings: `default` (what saex does), `spin` (libgomp's spinning waits: OMP_WAIT_POLICY=ACTIVE, which is
-how torch ran before saex chose), `passive` (OMP_WAIT_POLICY=PASSIVE), `threads1` (one thread).
+Settings: `default` (saex's thread tuner), `pinned` (torch's thread count throughout: `--threads` at the
+core count, how saex ran before the tuner), `active` and `passive` (pinned, with OMP_WAIT_POLICY set),
+`threads1` (one thread).
 Prints JSON: ms per step for each setting, alone and shared, and the machine."""
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from pathlib import Path
 import torch
 from machine import describe  # benchmarks/machine.py, beside this script
 
-SETTINGS = {"default": {}, "spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "threads1": {"OMP_NUM_THREADS": "1"}}
+PINNED = ["--threads", str(torch.get_num_threads())]
+SETTINGS = {"default": ({}, []), "pinned": ({}, PINNED), "active": ({"OMP_WAIT_POLICY": "ACTIVE"}, PINNED),
+            "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, PINNED), "threads1": ({}, ["--threads", "1"])}
 
 
 def make_store(folder: Path, rows: int, d: int) -> None:
@@ -42,10 +44,11 @@ def make_store(folder: Path, rows: int, d: int) -> None:
     w.finish()
 
 
-def ms_per_step(run: Path, name: str, env: dict, steps: int, skip: int) -> float:
+def ms_per_step(run: Path, name: str, setting: tuple[dict, list], steps: int, skip: int) -> float:
+    env, extra = setting
     args = [sys.executable, "-m", "saex", "train", "--run", str(run), "--name", name, "--architecture", "topk",
             "--k", "32", "--d-sae", "3072", "--batch-size", "1024", "--steps", str(steps), "--log-every", "1",
-            "--checkpoint-every", str(steps + 1), "--no-verify", "--overwrite"]
+            "--checkpoint-every", str(steps + 1), "--no-verify", "--overwrite", *extra]
     subprocess.run(args, env={**os.environ, **env}, check=True, capture_output=True)
     events = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
     times = [e["time"] for e in events if e["event"] == "step"][-(steps - skip):]  # this run's last steps
@@ -55,7 +58,7 @@ def ms_per_step(run: Path, name: str, env: dict, steps: int, skip: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=["default"], choices=sorted(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["default", "pinned"], choices=sorted(SETTINGS))
     parser.add_argument("--busy", type=int, default=1, help="competing processes, each spinning a core")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()

@@ -11,7 +11,8 @@ from saex.sae.config import SAEConfig
 
 # fields shared by every SAE of a sweep (one stream, one loop); everything else may be swept
 SHARED = {"run", "hook", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
-          "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project", "verify", "skip_nonfinite"}
+          "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project", "verify", "skip_nonfinite",
+          "threads"}
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainConfig(SAEConfig):
     autocast: bool = True
     """bfloat16 autocast where the hardware multiplies bfloat16 natively: GPUs, CPUs with AVX512-BF16 or AMX
     (weights and Adam stay float32)."""
+    threads: int = 0
+    """CPU threads of the training step (0: torch's count, fewer while other processes keep the cores busy;
+    N: always N, for bit-for-bit reproducible runs on a shared machine)."""
     checkpoint_every: int = 500
     """Write a resumable checkpoint every this many steps."""
     log_every: int = 25

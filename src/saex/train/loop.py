@@ -21,6 +21,7 @@ from saex.train.config import TrainConfig, expand_sweep
 from saex.train.host import tune_allocator
 from saex.train.resume import (TRAIN_CONFIG, checkpoint_path, finished, load_checkpoint, remove_unfinished_saves,
                                run_identity, save_checkpoint)
+from saex.train.threads import ThreadTuner
 from saex.train.trainee import Trainee
 
 INIT_SAMPLE = 1 << 14  # rows used for the input scale and the decoder-bias init
@@ -97,6 +98,7 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     bar = progress(cfg.steps, f"train {', '.join(outputs)}"[:60], "step", initial=start)
     t0 = time.perf_counter()
     all_finite = torch.tensor(True, device=device)
+    tuner = ThreadTuner(cfg.threads, active=device.type == "cpu")  # CPU threads pace CPU steps only
     try:
         for step in range(start, cfg.steps):
             x_BD = next(stream).to(device, non_blocking=True).float()
@@ -111,8 +113,9 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
             else:
                 all_finite &= finite
             x_BD = x_BD * scale
-            for t in trainees:
-                t.step(x_BD, step)
+            with tuner.timed():
+                for t in trainees:
+                    t.step(x_BD, step)
             last = step + 1 == cfg.steps
             if device.type == "cpu":
                 _check(trainees, None)
@@ -123,7 +126,7 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
                 metrics = {t.name: t.metrics() for t in trainees}
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
                 log.write("step", step=step + 1, tokens=(step + 1) * cfg.batch_size, tokens_per_s=rate, saes=metrics,
-                          **({"skipped_rows": skipped} if skipped else {}))
+                          **({"threads": tuner.current} if tuner.active else {}), **({"skipped_rows": skipped} if skipped else {}))
                 if wandb:
                     wandb.log({f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()} | {"tokens_per_s": rate},
                               step=step + 1)

@@ -17,7 +17,7 @@ FORMAT = 3  # 3: safetensors + JSON (no pickle); 2: the encoder stored latent-ma
 TRAIN_CONFIG = "train_config.json"
 # fields that do not change what is trained: a run resumed with other values of these is the same run
 NOT_IDENTITY = ("run", "overwrite", "checkpoint_every", "log_every", "device", "wandb_project", "verify",
-                "skip_nonfinite")
+                "skip_nonfinite", "threads")
 
 
 def identity_of(cfg: TrainConfig) -> dict:
