@@ -160,3 +160,25 @@ def test_patch_grid_sits_after_the_class_and_register_tokens(positions, grid):
     examples = torch.tensor([[0, 0, len(positions), 0]])
     found = _patch_grid(Store(), examples)
     assert (found and (found["offset"], found["side"])) == grid
+
+
+def test_index_names_nonfinite_rows_of_the_store(image_index, tmp_path, capsys):
+    import shutil
+
+    from saex.store import StoreWriter
+
+    run, _ = image_index
+    copy = tmp_path / "nan-run"
+    shutil.copytree(run / "saes", copy / "saes")
+    store = ActivationStore(run / "acts")
+    writer = StoreWriter(copy / "acts", {k: v for k, v in store.manifest.items()
+                                         if k not in ("format", "columns", "rows", "examples", "complete", "shards",
+                                                      "skipped")}, shard_rows=10**9)
+    batch = next(store.iter_ordered(list(store.manifest["columns"]), len(store)))
+    column = store.acts(store.hooks[0])
+    batch[column][7, 0] = float("inf")
+    writer.add(batch, [str(i) for i in range(len(store))])
+    writer.finish(**{k: store.manifest[k] for k in ("examples_planned",) if k in store.manifest})
+    assert main(["index", "--run", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "holds activation rows with NaN or infinity" in err and "shard_000000.safetensors row 7" in err

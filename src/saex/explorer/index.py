@@ -3,6 +3,7 @@ examples with thumbnails or token windows, and each example's top features, in o
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -95,7 +96,12 @@ def _build(cfg: IndexConfig, run: Path, store: ActivationStore, folder: Path, ou
         save_state(state_path, {"identity": identity, "scan": scan.state_dict()})
         bar.update(store.shards[shard]["rows"])
     bar.close()
-    _write(out, cfg, store, sae.cpu(), hook, scan)
+    try:
+        _write(out, cfg, store, sae.cpu(), hook, scan)
+    except sqlite3.OperationalError as e:  # SQLite's "database or disk is full" names no file
+        if "full" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from e
     configs.save(cfg, out / "config.json")
     state_path.unlink(missing_ok=True)
     log.write("end", sae=folder.name, rows=scan.rows)

@@ -33,7 +33,12 @@ class Scan:
         device = sae.W_enc.device
         parts = []
         for s in range(0, len(acts), chunk):
-            code = sae.encode(acts[s:s + chunk].to(device, torch.float32))
+            x = acts[s:s + chunk].to(device, torch.float32)
+            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+                bad = [(shard, int(r)) for r in (~torch.isfinite(acts).all(1)).nonzero().flatten()]
+                raise ValueError(f"{store.folder} holds activation rows with NaN or infinity, at "
+                                 f"{store.describe_rows(bad)}; re-harvest the store before indexing it")
+            code = sae.encode(x)
             values, indices = code.values_BK.cpu(), code.indices_BK.cpu()
             rows, slots = (values > 0).nonzero(as_tuple=True)
             latent, value = indices[rows, slots], values[rows, slots]
