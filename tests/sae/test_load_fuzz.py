@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from saex.sae import SAE, SAEConfig
 from saex.sae.io import load_sae, save_sae
+from tests.sae.random_sae import random_sae
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "prolu"]
 CASES_PER_ARCH = 110
@@ -24,16 +24,7 @@ NAMES = ["standard", "topk", "jumprelu", "gated", "prolu", "batchtopk", "abstopk
 
 
 def _base(arch, folder):
-    torch.manual_seed(ARCHS.index(arch))
-    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture=arch, k=4))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.2)
-        sae.b_dec.normal_(0, 0.2)
-        for p in sae.arch.parameters():
-            p.uniform_(0.05, 0.2)
-        if arch == "batchtopk":
-            sae.arch.threshold.fill_(0.1)
-    save_sae(sae.eval(), folder)
+    save_sae(random_sae(arch, 8, 16, 4, seed=ARCHS.index(arch)), folder)
     return (folder / "cfg.json").read_bytes(), (folder / "sae_weights.safetensors").read_bytes()
 
 

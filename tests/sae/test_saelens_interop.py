@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from saex.sae import SAE, SAEConfig
 from saex.sae.io import load_sae, save_sae
+from tests.sae.random_sae import random_sae
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (the `interop` extra: pip install 'saex[interop]')")
 
@@ -20,16 +20,7 @@ SAELENS = {"standard": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSA
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "prolu"])
 def test_saelens_loads_saex_saes(arch, tmp_path):
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=16, d_sae=48, architecture=arch, k=6))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.2)
-        sae.b_dec.normal_(0, 0.2)
-        for p in sae.arch.parameters():
-            p.uniform_(0.05, 0.2)
-        if arch == "batchtopk":
-            sae.arch.threshold.fill_(0.1)
-    sae.eval()
+    sae = random_sae(arch, 16, 48, 6)
     save_sae(sae, tmp_path / arch, {"model": "minilm", "hook": "blocks.3.hook_resid_post"})
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch), device="cpu")
     x = torch.randn(20, 16)
