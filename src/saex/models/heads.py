@@ -48,3 +48,23 @@ def head_output(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.T
         mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
     return model(**batch.inputs).logits.float()
+
+
+@torch.inference_mode()
+def readout(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.Tensor | None = None) -> dict:
+    """What an edit can change downstream, per example: `logits` [B, C] over classes or label prompts,
+    or [B, V] for the next token after the last real one; `embedding` [B, D] (CLIP's image embedding,
+    a sentence encoder's mean-pooled one), normalised."""
+    model = adapter.model
+    batch = adapter.on_device(batch)
+    if kind == "zero_shot":
+        feats = model.get_image_features(**batch.inputs)
+        feats = F.normalize(getattr(feats, "pooler_output", feats).float(), dim=-1)
+        return {"logits": model.logit_scale.exp().float() * feats @ prompts.T, "embedding": feats}
+    if kind == "embedding":
+        return {"embedding": head_output(adapter, batch, kind)}
+    logits = model(**batch.inputs).logits.float()
+    if kind == "next_token":
+        last = batch.inputs["attention_mask"].sum(1) - 1
+        logits = logits[torch.arange(len(logits), device=logits.device), last]
+    return {"logits": logits}
