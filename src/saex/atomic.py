@@ -32,6 +32,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
+        if e.errno is None:
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # name the file: a full disk's write names none
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +55,8 @@ def atomic_folder(dest: Path):
         mask = umask()
         for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes private folders; these are ordinary files
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+            if p.is_file():
+                _fsync(p)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
             dest.rename(old)
@@ -62,7 +66,17 @@ def atomic_folder(dest: Path):
             tmp.rename(dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, e.strerror, str(dest)) from e
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(dest)) from e  # the folder the user knows, not its temporary name
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

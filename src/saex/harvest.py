@@ -16,6 +16,7 @@ import torch
 
 from saex import config as configs
 from saex.data import UnreadableExample, open_dataset
+from saex.locks import exclusive
 from saex.models import DEFAULT_TOKENS, load_model
 from saex.models.adapter import Batch
 from saex.runlog import JsonlLog, progress
@@ -174,6 +175,11 @@ def _default_workers() -> int:
 
 def harvest(cfg: HarvestConfig) -> dict:
     """Run the harvest; returns the store's manifest. Resumes a killed harvest in the same run folder."""
+    with exclusive([Path(cfg.run) / "locks" / "acts.lock"], "saex harvest"):  # no train or index reads it meanwhile
+        return _harvest(cfg)
+
+
+def _harvest(cfg: HarvestConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")

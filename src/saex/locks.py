@@ -26,19 +26,25 @@ def exclusive(paths: list[Path], what: str):
 
 
 @contextlib.contextmanager
-def _lock(path: Path, what: str):
+def reading(path: Path, what: str):
+    """A shared hold on what `path` guards (a run's store): many readers at once, no writer meanwhile."""
+    with _lock(Path(path), what, shared=True):
+        yield
+
+
+@contextlib.contextmanager
+def _lock(path: Path, what: str, shared: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         if fcntl is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise ValueError(f"another {what} is writing the same output (pid {holder}, lock {path}); "
+                raise ValueError(f"another saex process (pid {holder}) holds {path}, which {what} needs: "
                                  "wait for it to finish, or choose another --name") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid():<12d}\n".encode(), 0)  # the latest holder (fixed width: no truncate)
         yield
     finally:
         os.close(fd)

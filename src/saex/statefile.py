@@ -53,7 +53,7 @@ def load_state(path: Path, device: torch.device | str = "cpu"):
         if skeleton is None:
             raise ValueError(f"it has no {KEY!r} entry in its metadata")
         return _unpack(json.loads(skeleton), tensors)
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError) as e:
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{path} is not a readable saex state ({e}); delete it to start over") from None

@@ -35,7 +35,7 @@ def pristine(tmp_path_factory):
 def _read_all(folder):
     store = ActivationStore(folder)
     for batch in store.iter_ordered(list(store.manifest["columns"]), 10):
-        assert torch.isfinite(batch["acts.h"].float()).all() or True  # values may be anything; reading must work
+        assert batch["acts.h"].shape[1:] == (8,) and len(batch["acts.h"]) == len(batch["example"])
     store.take("acts.h", list(range(len(store))))
     for i in range(len(store.shards)):
         store.example_ids(i)

@@ -53,7 +53,8 @@ def _weights(folder):
 
 def test_sweep_members_equal_solo_runs(toy_run):
     run, _ = toy_run
-    common = ["train", "--run", str(run), "--d-sae", "64", "--steps", "30", "--batch-size", "128", "--name", "sw"]
+    common = ["train", "--run", str(run), "--d-sae", "64", "--steps", "30", "--batch-size", "128", "--threads", "1",
+              "--name", "sw"]  # pinned threads: the tuner must not move in one run and not the other
     assert main(common + ["--sweep", "k=2,6"]) == 0
     assert main(common[:-1] + ["solo", "--k", "6"]) == 0
     a, b = _weights(run / "saes" / "sw-k6"), _weights(run / "saes" / "solo")
@@ -63,7 +64,7 @@ def test_sweep_members_equal_solo_runs(toy_run):
 def test_killed_training_resumes_to_identical_weights(toy_run, tmp_path, capsys):
     run, _ = toy_run
     args = ["train", "--run", str(run), "--architecture", "topk", "--matryoshka", "random", "--k", "4",
-            "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20",
+            "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20", "--threads", "1",
             "--resort-every", "15", "--dead-tokens", "2000"]
     assert main(args + ["--name", "whole"]) == 0
     # a real SIGKILL in the middle of step 45 (after the checkpoint of step 40)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from saex.cli import main
-from saex.locks import exclusive
+from saex.locks import exclusive, reading
 from saex.store import ActivationStore, StoreWriter
 from saex.train.resume import checkpoint_path
 from tests.crafted import crafted_pickle
@@ -147,9 +147,15 @@ def test_a_kill_inside_a_sweeps_final_save_resumes_to_the_same_saes(tmp_path):
 
 def test_a_second_training_of_the_same_sae_is_refused(tmp_path, capsys):
     run = _store(tmp_path)
-    with exclusive([run / "locks" / "train-topk.lock"], "saex train"):
+    with exclusive([run / "locks" / "train-topk.lock"], "saex train"):  # a training of topk in this process
         assert _train(run) == 2
-        assert f"another saex train is writing the same output (pid {os.getpid()}" in capsys.readouterr().err
+        assert f"another saex process (pid {os.getpid()}) holds" in capsys.readouterr().err
+    with exclusive([run / "locks" / "acts.lock"], "saex harvest"):  # a harvest rewriting the store
+        assert _train(run) == 2
+        assert "holds" in capsys.readouterr().err
+    with reading(run / "locks" / "acts.lock", "saex train"):  # a training reading it: harvest waits
+        assert main(["harvest", "--run", str(run), "--model", "fmnist-vit", "--max-examples", "4"]) == 2
+        assert "which saex harvest needs" in capsys.readouterr().err
     assert _train(run) == 0
     assert _train(run, "--k", "8") == 2  # the same name, another config: not "already trained"
     assert "were trained with another config" in capsys.readouterr().err

@@ -34,7 +34,7 @@ _ITEM_BYTES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2}
 def saved_saes(folder: str | Path, names: list[str] | None = None) -> list[Path]:
     """SAE folders (those holding a cfg.json) directly in `folder`, sorted; `names` picks and checks some."""
     folder = Path(folder)
-    found = sorted(p.parent for p in folder.glob(f"*/{CFG}"))
+    found = sorted(p.parent for p in folder.glob(f"*/{CFG}") if not p.parent.name.startswith("."))  # not a save's temp
     if not found:
         raise ValueError(f"no trained SAE in {folder}; run saex train first")
     if names:

@@ -30,10 +30,13 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop=None) -> str | None:
+    """The file's sha256 (None when the threading.Event `stop` is set before the end)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
+            if stop is not None and stop.is_set():
+                return None
             h.update(chunk)
     return h.hexdigest()
 

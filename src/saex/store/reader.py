@@ -66,21 +66,23 @@ class ActivationStore:
                              "the shard is corrupt: re-harvest the store") from None
         return ids
 
-    def verify(self, shards: list[int] | None = None) -> None:
-        """Check the sha256 of every shard (or of `shards`) against the manifest."""
+    def verify(self, shards: list[int] | None = None, stop: threading.Event | None = None) -> None:
+        """Check the sha256 of every shard (or of `shards`) against the manifest; `stop` ends it early."""
         for i in range(len(self.shards)) if shards is None else shards:
-            s = self.shards[i]
-            if sha256_file(self._path(i)) != s["sha256"]:
+            digest = sha256_file(self._path(i), stop)
+            if digest is None:
+                return
+            if digest != self.shards[i]["sha256"]:
                 raise ValueError(f"{self._path(i)} does not match the sha256 in {self.folder / 'manifest.json'}: "
                                  "its bytes changed after the harvest wrote it; re-harvest the store")
 
-    def verify_in_background(self) -> Future:
+    def verify_in_background(self, stop: threading.Event | None = None) -> Future:
         """`verify` in a thread (hashlib releases the GIL): its result raises the first mismatch."""
         future: Future = Future()
 
         def run():
             try:
-                self.verify()
+                self.verify(stop=stop)
                 future.set_result(None)
             except BaseException as e:  # noqa: BLE001 (handed to whoever asks for the result)
                 future.set_exception(e)

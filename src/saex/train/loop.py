@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from saex import config as configs
-from saex.locks import exclusive
+from saex.locks import exclusive, reading
 from saex.runlog import JsonlLog, WandbLog, progress
 from saex.sae import SAE
 from saex.sae.init import decoder_bias, input_scale
@@ -21,6 +20,7 @@ from saex.train.config import TrainConfig, expand_sweep
 from saex.train.host import tune_allocator
 from saex.train.resume import (TRAIN_CONFIG, checkpoint_path, finished, load_checkpoint, remove_unfinished_saves,
                                run_identity, save_checkpoint)
+from saex.train.guard import Guard
 from saex.train.threads import ThreadTuner
 from saex.train.trainee import Trainee
 
@@ -43,8 +43,13 @@ def train(cfg: TrainConfig) -> list[Path]:
         raise ValueError(f"{run / 'acts'} is an unfinished harvest; finish it first (run saex harvest again)")
     variants = expand_sweep(cfg)
     outputs = {name: run / "saes" / name for name, _ in variants}
-    with exclusive([run / "locks" / f"train-{name}.lock" for name in outputs], "saex train"):
-        return _train(cfg, run, store, variants, outputs)
+    threads = torch.get_num_threads()
+    with exclusive([run / "locks" / f"train-{name}.lock" for name in outputs], "saex train"), \
+            reading(run / "locks" / "acts.lock", "saex train"):
+        try:
+            return _train(cfg, run, store, variants, outputs)
+        finally:
+            torch.set_num_threads(threads)  # process-wide: the tuner's or --threads' count ends with the run
 
 
 def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, outputs: dict[str, Path]) -> list[Path]:
@@ -63,11 +68,11 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     device = _device(cfg.device)
     if device.type == "cpu":
         tune_allocator()
-    verified = store.verify_in_background() if cfg.verify else None
+    guard = Guard(store, column, cfg.verify, defer=device.type != "cpu")
 
     torch.manual_seed(cfg.seed)
     rows = np.random.default_rng(cfg.seed).choice(len(store), min(INIT_SAMPLE, len(store)), replace=False)
-    sample = _finite_rows(store.take(column, np.sort(rows)).float(), store, column, cfg.skip_nonfinite)
+    sample = guard.finite_rows(store.take(column, np.sort(rows)).float(), cfg.skip_nonfinite)
     scale = input_scale(sample) if cfg.normalize else 1.0
     trainees = []
     for name, vcfg in variants:
@@ -87,7 +92,7 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
         print(f"resuming {', '.join(outputs)} at step {start}")
 
     def save_checkpoint_at(step: int) -> None:
-        _check(trainees, verified)
+        guard.check(trainees)
         save_checkpoint(checkpoint, {"step": step, "scale": scale, "identity": identity, "skipped_rows": skipped,
                                      "trainees": {t.name: t.state_dict() for t in trainees}})
 
@@ -97,32 +102,25 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     stream = store.iter_shuffled(column, cfg.batch_size, seed=cfg.seed, skip_batches=start)
     bar = progress(cfg.steps, f"train {', '.join(outputs)}"[:60], "step", initial=start)
     t0 = time.perf_counter()
-    all_finite = torch.tensor(True, device=device)
     tuner = ThreadTuner(cfg.threads, active=device.type == "cpu")  # CPU threads pace CPU steps only
     try:
         for step in range(start, cfg.steps):
             x_BD = next(stream).to(device, non_blocking=True).float()
-            # one sum says whether the batch is finite (a per-row isfinite of bf16 takes 20 ms on 2 cores);
-            # the CPU asks at once, a GPU when it logs (asking would wait for it), unless rows are skipped
-            finite = torch.isfinite(x_BD.sum())
-            if device.type == "cpu" or cfg.skip_nonfinite:
-                if not bool(finite):
-                    n = len(x_BD)
-                    x_BD = _finite_rows(x_BD, store, column, cfg.skip_nonfinite)
-                    skipped += n - len(x_BD)
-            else:
-                all_finite &= finite
+            if guard.defer and not cfg.skip_nonfinite:
+                guard.note_batch(x_BD)
+            elif not bool(torch.isfinite(x_BD.sum())):  # one sum (a per-row isfinite of bf16 takes 20 ms here)
+                n = len(x_BD)
+                x_BD = guard.finite_rows(x_BD, cfg.skip_nonfinite)
+                skipped += n - len(x_BD)
             x_BD = x_BD * scale
             with tuner.timed():
                 for t in trainees:
                     t.step(x_BD, step)
             last = step + 1 == cfg.steps
-            if device.type == "cpu":
-                _check(trainees, None)
+            if not guard.defer:
+                guard.check(trainees, hashes=False)
             if (step + 1) % cfg.log_every == 0 or last:
-                if not bool(all_finite):
-                    _finite_rows(torch.full((1, 1), float("nan")), store, column, skip=False)  # names the rows
-                _check(trainees, verified)
+                guard.check(trainees)
                 metrics = {t.name: t.metrics() for t in trainees}
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
                 log.write("step", step=step + 1, tokens=(step + 1) * cfg.batch_size, tokens_per_s=rate, saes=metrics,
@@ -138,11 +136,12 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
             # resumable step (a kill between two folders resumes here and saves the rest)
             if (step + 1) % cfg.checkpoint_every == 0 and not last or last and len(trainees) > 1:
                 save_checkpoint_at(step + 1)
+    except BaseException:
+        guard.stop()
+        raise
     finally:
         bar.close()  # before any error message, not over it
-    if verified is not None:
-        verified.result()  # every shard's hash checked before anything is saved
-    _check(trainees, None)
+    guard.finish(trainees)
 
     _save_all(trainees, outputs, store, run, hook, scale, cfg)
     checkpoint.unlink(missing_ok=True)
@@ -174,26 +173,3 @@ def _save_all(trainees: list[Trainee], outputs: dict[str, Path], store: Activati
                                           "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size,
                                           "final": t.metrics()},
                  files={TRAIN_CONFIG: configs.to_json(t.cfg)})
-
-
-def _check(trainees: list[Trainee], verified: Future | None) -> None:
-    """Stop at a diverged SAE or a shard whose hash failed, before anything more is written."""
-    for t in trainees:
-        t.check_finite()
-    if verified is not None and verified.done():
-        verified.result()
-
-
-def _finite_rows(x_BD: torch.Tensor, store: ActivationStore, column: str, skip: bool) -> torch.Tensor:
-    """`x_BD` without its rows holding NaN or infinity when skipping them; otherwise an error that says
-    where in the store they are."""
-    finite_B = torch.isfinite(x_BD).all(1)
-    if bool(finite_B.all()):
-        return x_BD  # only the sum overflowed
-    if skip:
-        return x_BD[finite_B]
-    bad = store.nonfinite_rows(column)
-    store.verify(sorted({shard for shard, _ in bad}))  # altered bytes are the likelier cause: say so first
-    raise ValueError(f"{store.folder} holds {len(bad):,} activation rows with NaN or infinity, at "
-                     f"{store.describe_rows(bad)}; re-harvest (a float16 store overflows past 65,504: "
-                     "--dtype bfloat16 does not), or train without them with --skip-nonfinite")

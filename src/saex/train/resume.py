@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def load_checkpoint(path: Path, identity: dict, device) -> dict:
     state = load_state(path, device)
     if not isinstance(state, dict) or state.get("identity") != identity:
         raise ValueError(f"{path} was written by a different training config; use --overwrite to start over")
+    trainees = state.get("trainees")
+    if not isinstance(state.get("step"), int) or not isinstance(trainees, dict) \
+            or set(trainees) != set(identity["variants"]):
+        raise ValueError(f"{path} is not a complete training checkpoint; delete it or use --overwrite to start over")
     return state
 
 
@@ -48,8 +53,10 @@ def remove_unfinished_saves(saes: Path, names: list[str]) -> None:
     """The temporary folders of a save that a kill interrupted (atomic_folder's `.NAME.*`); only called
     with the run's locks for `names` held, so no live save owns them."""
     for name in names:
-        for tmp in saes.glob(f".{name}.*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        pattern = re.compile(rf"\.{re.escape(name)}\.([a-z0-9_]{{8}}|old\.\d+)")  # mkdtemp's suffix, or the swap's
+        for tmp in saes.glob(".*"):
+            if pattern.fullmatch(tmp.name):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finished(outputs: dict[str, Path], variants: list[tuple[str, TrainConfig]], resumable: bool) -> bool:

@@ -76,9 +76,9 @@ class Trainee:
         """Raise (naming the step) once the loss has not been finite: nothing trained after it is kept."""
         step = int(self.diverged_at)
         if step >= 0:
-            raise ValueError(f"{self.name} diverged: its loss was not finite at step {step + 1} (a learning rate "
-                             f"of {self.opt.param_groups[0]['lr']:.3g} then); nothing was saved past the last "
-                             "checkpoint. Lower --lr, or raise --grad-clip, and run again (--overwrite starts over)")
+            raise ValueError(f"{self.name} diverged: its loss was not finite at step {step + 1}; nothing past the "
+                             "last checkpoint was saved. Lower --lr, or clip gradients harder (a smaller --grad-clip; "
+                             "0 turns clipping off), and run again (--overwrite starts over)")
 
     def metrics(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.last.items()}
