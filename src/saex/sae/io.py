@@ -22,6 +22,7 @@ from saex.sae import saelens
 from saex.sae.arch import REGISTRY
 from saex.sae.config import SAEConfig
 from saex.sae.model import SAE
+from saex.tensorfile import check_layout, read_header
 
 CFG, WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae_weights.safetensors", "sae.safetensors"
 SAELENS_LAYOUT = "6.0.0"
@@ -121,7 +122,7 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], what: str, siz
     """The tensors of a safetensors file as float32, after checking that they are exactly `shapes`' names (plus
     any of `optional`; `what` names the set), in `dtype` (any float one: None), with the shapes that `sizes`
     gives, finite and below MAX_ABS."""
-    header, size = _header(path)
+    header, _, size = read_header(path)
     names = set(header) - {"__metadata__"}
     missing, extra = set(shapes) - names, names - set(shapes) - set(optional)
     if missing or extra:
@@ -136,7 +137,7 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], what: str, siz
     for name, shape in shapes.items():
         if tuple(header[name]["shape"]) != shape:
             raise ValueError(f"{path}: tensor {name} has shape {header[name]['shape']}; {sizes} need {list(shape)}")
-    _check_layout(path, header, size)
+    check_layout(path, header, size)
     try:
         tensors = {name: v.float() for name, v in load_file(path).items()}
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -151,53 +152,6 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], what: str, siz
             raise ValueError(f"{path}: tensor {name} holds {float(v.abs().max()):.3g}; values beyond {limit:.3g} "
                              "overflow float32 in encode or decode, and no trained SAE has them")
     return tensors
-
-
-def _header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (8 bytes of little-endian length, then that many bytes of JSON)
-    and the size of the data after it."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        head = f.read(8)
-        n = int.from_bytes(head, "little")
-        if len(head) < 8 or n > size - 8:
-            raise ValueError(f"{path} is truncated or corrupt: " + (
-                f"it is {size} bytes long, and a safetensors file starts with an 8-byte header length" if len(head) < 8
-                else f"its header length field says {n} bytes, but {size - 8} follow it"))
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is corrupt: its safetensors header is not valid JSON ({e})") from None
-    entries = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
-    if entries is None or not all(isinstance(e, dict) and isinstance(e.get("dtype"), str)
-                                  and _int_list(e.get("shape")) and _int_list(e.get("data_offsets"), 2)
-                                  for e in entries.values()):
-        raise ValueError(f"{path} is corrupt: its safetensors header must map each tensor name to its dtype, "
-                         "shape and data_offsets")
-    return header, size - 8 - n
-
-
-def _check_layout(path: Path, header: dict, size: int) -> None:
-    """The tensors (all of a known dtype by now) must tile the data section exactly, as safetensors requires."""
-    end = 0
-    for name, e in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                          key=lambda kv: kv[1]["data_offsets"]):
-        begin, stop = e["data_offsets"]
-        need = math.prod(e["shape"]) * _ITEM_BYTES[e["dtype"]]
-        if begin != end or stop - begin != need:
-            raise ValueError(f"{path} is corrupt: tensor {name} {e['dtype']}{e['shape']} needs {need} bytes from "
-                             f"offset {end}; its header gives bytes [{begin}, {stop})")
-        end = stop
-    if end != size:
-        state = "truncated" if end > size else f"corrupt ({size - end} bytes follow the last tensor)"
-        raise ValueError(f"{path} is {state}: its header describes {end} bytes of tensor data, the file holds {size}")
-
-
-def _int_list(value, length: int | None = None) -> bool:
-    return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 def _saex_config(cfg: dict, c: saelens.SAELensConfig, where: Path) -> SAEConfig:
@@ -282,7 +236,7 @@ def _load_sparsify(folder: Path, cfg: dict) -> SAE:
     where, path = folder / CFG, folder / SPARSIFY_WEIGHTS
     if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
         raise ValueError(f"{where}: saex loads sparsify TopK SAEs without skip connection or transcoding")
-    shape = _header(_existing(path, f"the SAE at {folder} is incomplete"))[0].get("encoder.weight", {}).get("shape")
+    shape = read_header(_existing(path, f"the SAE at {folder} is incomplete"))[0].get("encoder.weight", {}).get("shape")
     d_sae, d_in = shape if isinstance(shape, list) and len(shape) == 2 else (0, 0)
     shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     tensors = _read_tensors(path, shapes, "a sparsify SAE", f"encoder.weight's [d_sae={d_sae}, d_in={d_in}]")

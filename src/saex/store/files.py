@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from saex import tensorfile
 from saex.atomic import atomic_write_bytes
-
-# safetensors dtype names -> (numpy storage dtype, torch dtype)
-_DTYPES = {
-    "BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32),
-    "F64": (np.float64, torch.float64), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32),
-    "I16": (np.int16, torch.int16), "U8": (np.uint8, torch.uint8), "I8": (np.int8, torch.int8),
-    "BOOL": (np.bool_, torch.bool),
-}
-
+from saex.tensorfile import DTYPES as _DTYPES
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save a safetensors file atomically; returns its sha256."""
@@ -42,50 +33,26 @@ def sha256_file(path: Path, stop=None) -> str | None:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header and the byte offset where its data starts; ValueError naming the file
-    when it has none."""
-    try:
-        size = Path(path).stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"its header claims {n} bytes but the file has {size}")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing") from None
-    except (struct.error, ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        reason = "it is shorter than a safetensors header" if isinstance(e, struct.error) else str(e)
-        raise ValueError(f"{path} is not a readable safetensors file ({reason})") from None
-    return header, 8 + n
+    """A safetensors file's header and the byte offset where its data starts."""
+    header, start, _ = tensorfile.read_header(path)
+    return header, start
 
 
 def check_shard(path: Path, columns: dict[str, dict], rows: int) -> None:
-    """What opening a shard checks, cheaply (its header only, no data read): every column the manifest
-    names is there with its dtype and shape, `rows` long, and the file is as long as its header says."""
-    header, start = read_header(path)
-    end = start
+    """What opening a shard checks, cheaply (its header only, no data read): the file's layout, and every
+    column the manifest names there with its dtype and shape, `rows` long."""
+    header, _, data_size = tensorfile.read_header(path)
     for name, spec in columns.items():
         info = header.get(name)
         want = [rows, *spec["shape"]]
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise ValueError(f"{path} has no readable column {name!r}; the manifest says it holds {want} "
-                             f"{spec['dtype']}")
-        dtype = str(_DTYPES[info["dtype"]][1]).removeprefix("torch.")
-        offsets = info.get("data_offsets")
-        if dtype != spec["dtype"] or info.get("shape") != want or not isinstance(offsets, list) or len(offsets) != 2 \
-                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
-            raise ValueError(f"{path}: column {name!r} is {info.get('shape')} {dtype}; the manifest says {want} "
-                             f"{spec['dtype']}")
-        itemsize = np.dtype(_DTYPES[info["dtype"]][0]).itemsize
-        if offsets[1] - offsets[0] != int(np.prod(want)) * itemsize:
-            raise ValueError(f"{path}: column {name!r} has {offsets[1] - offsets[0]} bytes for {want} {dtype}")
-        end = max(end, start + offsets[1])
-    size = Path(path).stat().st_size
-    if size < end:
-        raise ValueError(f"{path} is truncated: {size:,} bytes where its header needs {end:,}; re-harvest it "
-                         "(delete the store's folder and run saex harvest again)")
+        dtype = str(_DTYPES[info["dtype"]][1]).removeprefix("torch.") if info and info["dtype"] in _DTYPES else None
+        if dtype != spec["dtype"] or info["shape"] != want:
+            found = f"{info['shape']} {info['dtype']}" if info else "missing"
+            raise ValueError(f"{path}: column {name!r} is {found}; the manifest says {want} {spec['dtype']}")
+    try:
+        tensorfile.check_layout(path, header, data_size)
+    except ValueError as e:
+        raise ValueError(f"{e}; re-harvest the store (delete its folder and run saex harvest again)") from None
 
 
 def mmap_tensor(path: Path, name: str) -> torch.Tensor:
