@@ -18,6 +18,7 @@ input (piecewise smooth) and integrated gradients' completeness holds for it:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -31,22 +32,32 @@ class _Reached(Exception):
 
 
 def check_feature(sae, feature: int) -> int:
-    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < sae.d_sae:
+    """The feature id as an int (numpy and torch integers welcome), or a ValueError naming the valid range."""
+    try:
+        j = operator.index(feature) if not isinstance(feature, bool) else None
+    except TypeError:
+        j = None
+    if j is None or not 0 <= j < sae.d_sae:
         raise ValueError(f"feature {feature!r} does not exist: this SAE has features 0..{sae.d_sae - 1}")
-    return feature
+    return j
 
 
-def feature_magnitude(sae, x_ND: torch.Tensor, feature: int) -> torch.Tensor:
-    """[N]: the continuous magnitude m_j of feature j at each row of x (module docstring's table); computes
-    only column j of the encoder, so that it is cheap at any d_sae."""
+def feature_preact(sae, x_ND: torch.Tensor, feature: int) -> torch.Tensor:
+    """[N]: what m_j is the ReLU of (module docstring's table), at each row of x; computes only column j of
+    the encoder, so that it is cheap at any d_sae."""
     x_ND = x_ND.to(sae.W_enc_SD.dtype)
     m_N = (x_ND - sae.b_dec) @ sae.W_enc_SD[feature]
     arch = sae.cfg.architecture
     if arch == "prolu":
-        return torch.relu(m_N)
+        return m_N
     if arch == "gated":
-        return torch.relu(torch.exp(sae.arch.r_mag[feature]) * m_N + sae.arch.b_mag[feature])
-    return torch.relu(m_N + sae.b_enc[feature])
+        return torch.exp(sae.arch.r_mag[feature]) * m_N + sae.arch.b_mag[feature]
+    return m_N + sae.b_enc[feature]
+
+
+def feature_magnitude(sae, x_ND: torch.Tensor, feature: int) -> torch.Tensor:
+    """[N]: the continuous magnitude m_j of feature j at each row of x."""
+    return torch.relu(feature_preact(sae, x_ND, feature))
 
 
 @dataclass
@@ -68,12 +79,13 @@ class FeatureFn:
     def modality(self) -> str:
         return self.adapter.modality
 
-    def __call__(self, x_NX: torch.Tensor) -> torch.Tensor:
+    def preacts(self, x_NX: torch.Tensor) -> torch.Tensor:
+        """[N, P] float32: what m_j is the ReLU of, at each of the P positions, for each of N inputs."""
         out = {}
-        pos = torch.as_tensor(self.positions, device=x_NX.device)
 
         def read(acts_NTD):
-            out["F"] = feature_magnitude(self.sae, acts_NTD[:, pos.to(acts_NTD.device)], self.feature).sum(-1)
+            pos = torch.as_tensor(self.positions, device=acts_NTD.device)
+            out["z"] = feature_preact(self.sae, acts_NTD[:, pos], self.feature)
             raise _Reached
 
         handle = self.adapter._register(self.point, read)
@@ -87,22 +99,29 @@ class FeatureFn:
             pass
         finally:
             handle.remove()
-        if "F" not in out:
+        if "z" not in out:
             raise RuntimeError(f"the forward pass of {self.adapter.name} never reached {self.point}")
-        return out["F"].float()
+        return out["z"].float()
 
-    def value(self, x_NX: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """F [N] without gradients, `chunk` inputs per forward pass."""
+    def __call__(self, x_NX: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.preacts(x_NX)).sum(-1)
+
+    def value(self, x_NX: torch.Tensor, chunk: int = 16, pre: bool = False) -> torch.Tensor:
+        """F [N] without gradients, `chunk` inputs per forward pass (pre: the pre-activations [N, P])."""
+        f = self.preacts if pre else self
         with torch.no_grad():
-            return torch.cat([self(x_NX[i:i + chunk]) for i in range(0, len(x_NX), chunk)])
+            return torch.cat([f(x_NX[i:i + chunk]) for i in range(0, len(x_NX), chunk)])
 
-    def grad(self, x_NX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F [N], dF/dx shaped like x): rows are independent inputs, so the gradient of the sum is each
-        row's own gradient."""
+    def grad(self, x_NX: torch.Tensor, weights_NP: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F [N], dF/dx shaped like x); with `weights`, the gradient of sum_t w_t z_t instead (each
+        position's pre-activation z_t, weighted). Rows are independent inputs, so the gradient of the sum
+        is each row's own gradient."""
         with torch.inference_mode(False), torch.enable_grad():
             x = x_NX.detach().clone().requires_grad_(True)
-            f_N = self(x)
-            (g,) = torch.autograd.grad(f_N.sum(), x)
+            z_NP = self.preacts(x)
+            f_N = torch.relu(z_NP).sum(-1)
+            target = f_N if weights_NP is None else z_NP * weights_NP.to(z_NP.device)
+            (g,) = torch.autograd.grad(target.sum(), x)
         return f_N.detach(), g
 
     def per_unit(self, t_1X: torch.Tensor) -> torch.Tensor:
@@ -120,7 +139,7 @@ def feature_fn(adapter: ModelAdapter, sae, point: str | HookPoint, tokens: str, 
     """F of feature `feature` at hook `point` for the one input in `batch` (from adapter.prepare), summed over
     the positions that token selection `tokens` picks (or the given `positions`, each among them)."""
     point = adapter.hook(point) if isinstance(point, str) else point
-    check_feature(sae, feature)
+    feature = check_feature(sae, feature)
     tokens = adapter.check_tokens(tokens)
     n = len(next(iter(batch.inputs.values())))
     if n != 1:
@@ -137,8 +156,6 @@ def feature_fn(adapter: ModelAdapter, sae, point: str | HookPoint, tokens: str, 
         if outside or not positions:
             raise ValueError(f"positions {outside or positions} are not among the tokens that {tokens!r} selects "
                              f"(valid: {_spans(selected)})")
-    with torch.no_grad():
-        code = adapter.sae_code if False else None  # noqa: F841 (placeholder removed below)
     code_value = _code_value(sae, acts_1TD[0, positions], feature)
     batch = adapter.on_device(batch)
     with torch.inference_mode(False):
