@@ -77,6 +77,12 @@ def _explore_cmd():
     return ExploreConfig, explore
 
 
+def _edit_cmd():
+    from saex.analysis.commands import EditConfig, run_edit
+
+    return EditConfig, run_edit
+
+
 def _demo_cmd():
     from saex.demo import DemoConfig, demo
 
@@ -91,6 +97,8 @@ COMMANDS = {
     "index": ("Build the feature index (top examples, densities, labels, alignment) into RUN/index/<sae>/.",
               _index_cmd),
     "explore": ("Serve the feature explorer web app for a run (offline, on 127.0.0.1 by default).", _explore_cmd),
+    "edit": ("Edit an example's SAE code (clamp, scale, add, zero, copy, pair) and show what changed downstream; "
+             "writes RUN/experiments/<sae>/<example>-<hash>/.", _edit_cmd),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
              _demo_cmd),
     "zoo": ("List, train or locate the embedded default models.", lambda: (ZooConfig, run_zoo)),

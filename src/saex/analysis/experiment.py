@@ -156,6 +156,9 @@ class Experiment:
 
         tok = self.adapter.processor
         ids = h.batch.inputs["input_ids"][:, : int(h.batch.inputs["attention_mask"].sum())]
+        if self.adapter.max_tokens:  # room for the new tokens within the model's positions: keep the prompt's end
+            n = min(n, self.adapter.max_tokens - 1)
+            ids = ids[:, max(0, ids.shape[1] + n - self.adapter.max_tokens):]
         new = []
         for _ in range(n):
             ones = torch.ones_like(ids)
