@@ -78,9 +78,15 @@ def _explore_cmd():
 
 
 def _edit_cmd():
-    from saex.analysis.commands import EditConfig, run_edit
+    from saex.analysis.edit_command import EditConfig, run_edit
 
     return EditConfig, run_edit
+
+
+def _attribute_cmd():
+    from saex.analysis.attribute_command import AttributeConfig, run_attribute
+
+    return AttributeConfig, run_attribute
 
 
 def _demo_cmd():
@@ -99,6 +105,8 @@ COMMANDS = {
     "explore": ("Serve the feature explorer web app for a run (offline, on 127.0.0.1 by default).", _explore_cmd),
     "edit": ("Edit an example's SAE code (clamp, scale, add, zero, copy, pair) and show what changed downstream; "
              "writes RUN/experiments/<sae>/<example>-<hash>/.", _edit_cmd),
+    "attribute": ("Which pixels or tokens of one input cause a feature (integrated gradients, gradient x input, "
+                  "occlusion); writes RUN/experiments/<sae>/.", _attribute_cmd),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
              _demo_cmd),
     "zoo": ("List, train or locate the embedded default models.", lambda: (ZooConfig, run_zoo)),

@@ -1,6 +1,7 @@
 """Every page and the game in a real headless Chromium (Debian's), with screenshots kept as artefacts
 in test-artifacts/screenshots/."""
 
+import json
 import random
 import re
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from saex.analysis.edit import Edit, load_edits
 from saex.explorer.app import create_app, find_index
 from saex.explorer.db import IndexDB
 from tests.explorer.conftest import serve
@@ -38,8 +40,8 @@ def site(image_run):
     server.should_exit = True
 
 
-def _page(browser):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+def _page(browser, **options):
+    page = browser.new_page(viewport={"width": 1200, "height": 900}, **options)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -163,4 +165,62 @@ def test_guess_the_class(browser, site, image_run):
     assert page.locator(".option").count() == 10  # the ten Fashion-MNIST classes
     assert _guess(page, _answer(image_run, 5, "class")) == "Right!"
     _shot(page, "game-class")
+    assert not errors, errors
+
+
+def _effect_version(page, box, at_least, timeout=60_000):
+    """Wait until the effect panel `box` has drawn `at_least` answers of the edit API (the first loads the model)."""
+    page.wait_for_function(f"+(document.getElementById('{box}').dataset.version || 0) >= {at_least}", timeout=timeout)
+    return float(page.get_attribute(f"#{box}", "data-kl"))
+
+
+def _edited(page, box):
+    return page.eval_on_selector_all(f"#{box} .probs > div", "rows => rows.map(r => +r.dataset.edited)")
+
+
+def test_edit_page_toggles_a_feature_and_the_effect_follows(browser, site, image_run, tmp_path):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    ex = db.execute("SELECT example FROM examples WHERE thumb IS NOT NULL LIMIT 1").fetchone()[0]
+    page, errors = _page(browser, accept_downloads=True)
+    page.goto(f"{site}/edit/{ex}")
+    assert _effect_version(page, "effect", 1) == 0  # no edit yet: the clean model
+    assert page.locator("#effect .probs > div").count() == 10 and page.locator("#effect .neighbours img").count() == 16
+    row = page.locator("#edit-features tr[data-feature]").first
+    j = int(row.get_attribute("data-feature"))
+    row.locator("input.on").uncheck()
+    assert _effect_version(page, "effect", 2) > 0
+    assert json.loads(page.input_value("#edit-list")) == [{"op": "zero", "features": [j]}]
+    assert row.locator("td.after").inner_text() == "0.000" and row.locator("input.clamp").is_disabled()
+    page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
+    _shot(page, "edit")
+    with page.expect_download() as download:
+        page.click("#download")
+    assert load_edits(download.value.path(), 256) == [Edit("zero", [j])]  # the file `saex edit --edits` reads
+    page.fill("#edit-list", json.dumps([{"op": "scale", "features": [j], "value": 2}, {"op": "add", "features": [3], "value": 4}]))
+    page.click("#load")  # a pasted list: the table takes the scale, the add stays in the list below it
+    _effect_version(page, "effect", 3)
+    assert row.locator("input.on").is_checked() and row.locator("input.scale").input_value() == "2"
+    assert page.locator("#extra li").count() == 1 and '"op":"add"' in page.inner_text("#extra li")
+    assert not errors, errors
+
+
+def test_steer_slider_changes_the_probabilities(browser, site, image_run, tmp_path):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
+                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    page, errors = _page(browser)
+    page.goto(f"{site}/feature/{j}")
+    page.focus("#alpha")
+    page.keyboard.press("End")  # alpha 20
+    assert _effect_version(page, "steer-effect", 1) > 0
+    up = _edited(page, "steer-effect")
+    assert page.inner_text("#alpha-value") == "20" and len(up) == 10
+    page.keyboard.press("Home")  # alpha -20
+    _effect_version(page, "steer-effect", 2)
+    down = _edited(page, "steer-effect")
+    assert down != up and sum(down) == pytest.approx(1, abs=1e-4)
+    assert page.locator("#steer-effect .neighbours img").count() == 16  # before and after, 8 each
+    assert "edits=" in page.get_attribute("#steer-edit", "href")
+    page.screenshot(path=str(tmp_path / "steer.png"), full_page=True)
+    _shot(page, "steer")
     assert not errors, errors

@@ -2,6 +2,7 @@
 site's error page, and no answer shows the run's absolute path."""
 
 import collections
+import json
 import logging
 import random
 import re
@@ -20,11 +21,32 @@ TEXTS = ["", " ", "abc", "true", "on", "é", "日本語", "\u202e", "🙂", "%00
          "..%2F..%2Findex.sqlite", "%2e%2e%2fetc%2fpasswd", "/etc/passwd", "a" * 256, "b" * 5000, "x/" * 300,
          "%0d%0aSet-Cookie:x", "<script>", "'\"", "a&b=c", "%3Cb%3E", "\\..\\", "0.png", "pareto.svg", "app.js"]
 FILTERS = ["jump", "entropy", "hide_cluster", "dmin", "dmax", "label", "candidates", "max_log_density", "seed",
-           "mode", "feature", "round", "choice", "v"]
+           "mode", "feature", "round", "choice", "v", "example", "edits", "neighbours", "by", "offset"]
+EDITS = []  # edit lists, filled by the test from real ids: mostly hostile, a few valid (each runs the model once)
+
+
+def edit_lists(feature: str, example: str) -> list[str]:
+    def zero(**fields) -> str:
+        return json.dumps([{"op": "zero", "features": [int(feature)], **fields}])
+
+    def copy(source) -> str:
+        return json.dumps([{"op": "copy", "source": source}])
+
+    valid = ["[]", zero(), json.dumps([{"op": "add", "features": [int(feature)], "value": 5}]), copy(example)]
+    hostile = [zero(value=1e300), zero(positions=[]), zero(positions=[999]), zero(positions=[-5]), zero(positions="ab"),
+               zero(positions=[2**70]), zero(colour=1), zero(value=True), zero(value="x"), zero(source=["x"]),
+               zero(features=[256]), zero(features=[-1]), zero(features=[2**70]), zero(features=["a"]),
+               zero(features={"a": 1}), zero(features=None), '[{"op": "add", "features": [1], "value": 1e400}]',
+               '[{"op": "clamp", "features": [1], "value": NaN}]', '[{"op": "scale", "features": [1], "value": -Infinity}]',
+               *(copy(s) for s in ("../../etc/passwd", "/dev/zero", "0.png", "٣", "-1", str(2**64), True, None)),
+               json.dumps([{"op": "pair", "source": example}]), json.dumps([{"op": "pair", "source": example, "target": "-3"}]),
+               json.dumps([{"op": "copy", "source": str(i)} for i in range(5)]), json.dumps(json.loads(zero()) * 65),
+               '[{"op": "zap"}]', '{"op": "zero"}', "[1, 2]", "[null]", '"[]"', "[[", "[" * 3000, "]", "{}", "null"]
+    return valid + hostile
 
 
 def _value(rng, real):
-    pool = rng.choice([NUMBERS, TEXTS, real])
+    pool = rng.choice([NUMBERS, TEXTS, real, EDITS])
     return quote(pool[rng.randrange(len(pool))], safe="%/")
 
 
@@ -40,7 +62,9 @@ def urls(seed, real):
     routes = [("/", []), ("/feature/{}", FILTERS[:6]), ("/features", FILTERS[:6]), ("/example/{}", []),
               ("/game", ["candidates", "max_log_density", "seed", "mode"]), ("/api/scatter", []),
               ("/api/feature/{}", []), ("/api/example/{}/patches", ["feature"]), ("/api/game/check", ["round", "choice"]),
-              ("/thumbs/{}", ["v"]), ("/plots/{}", ["v"]), ("/static/{}", ["v"]), ("/{}", []), ("/api/{}", [])]
+              ("/thumbs/{}", ["v"]), ("/plots/{}", ["v"]), ("/static/{}", ["v"]), ("/{}", []), ("/api/{}", []),
+              ("/edit/{}", ["edits"]), ("/api/edit", ["example", "edits", "neighbours"]), ("/api/edits", ["edits"]),
+              ("/ablation", ["by", "offset"])]
     for _ in range(N_URLS):
         path, names = rng.choice(routes)
         yield path.format(_value(rng, real)) + _query(rng, real, names)
@@ -62,7 +86,9 @@ def test_no_generated_url_is_a_server_error(image_run, caplog):
     real = [str(i) for (i,) in db.execute("SELECT id FROM features WHERE density > 0 LIMIT 5")]
     real += [str(e) for (e,) in db.execute("SELECT example FROM examples WHERE thumb IS NOT NULL LIMIT 5")]
     real += [t for (t,) in db.execute("SELECT thumb FROM examples WHERE thumb IS NOT NULL LIMIT 5")]
-    client = TestClient(create_app(image_run), raise_server_exceptions=False)
+    EDITS[:] = edit_lists(real[0], real[5])
+    app = create_app(image_run)
+    client = TestClient(app, raise_server_exceptions=False)
     rounds = re.findall(r'data-round="([^"]+)"', client.get("/game").text + client.get("/game?mode=class").text)
     statuses, failures = collections.Counter(), []
     with caplog.at_level(logging.INFO):
@@ -76,3 +102,4 @@ def test_no_generated_url_is_a_server_error(image_run, caplog):
     assert not failures, f"{len(failures)} bad answers, first: {failures[:5]}; statuses {dict(statuses)}"
     assert not [rec for rec in caplog.records if rec.exc_info or str(image_run) in rec.getMessage()]
     assert statuses[200] > 100 and statuses[404] > 100 and statuses[400] > 100  # it reached pages, not just errors
+    print(f"{len(app.state.experiments.effects)} effects computed")

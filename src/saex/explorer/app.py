@@ -1,4 +1,5 @@
-"""The explorer web app: overview, feature pages, example pages and the guess-the-input game.
+"""The explorer web app: overview, feature pages, example pages and the guess-the-input game; the
+experiments (the edit page, steering, the ablation ranking) are in experiments.py.
 
 Everything it shows comes from the run folder (metrics, plots, the feature index); every asset is
 served locally, so it works offline."""
@@ -23,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from saex.explorer.db import SQLITE_MAX_INT, Filters, IndexDB
+from saex.explorer import experiments
+from saex.explorer.db import SQLITE_MAX_INT, Filters, IndexDB, shown
 
 HERE = Path(__file__).parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".svg"}
@@ -39,12 +41,6 @@ def find_index(run: Path, sae: str | None = None) -> Path:
     if name not in found:
         raise ValueError(f"no index for SAE {name!r} in {run / 'index'}; it has {found}")
     return run / "index" / name / "index.sqlite"
-
-
-def shown(value, limit: int = 60) -> str:
-    """A value as an error message quotes it: its repr, cut short (a URL may be megabytes long)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Assets(StaticFiles):
@@ -115,7 +111,7 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
     for a in assets.values():
         app.mount(a.mount, a)
     templates.env.globals["asset"] = lambda kind, name: assets[kind].url(name)
-    common = {"meta": db.meta, "run": run.name}
+    common = {"meta": db.meta, "run": run.name, "has_ablation": db.has_ablation}
     rounds = Rounds()
 
     @app.middleware("http")
@@ -177,7 +173,7 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
         flt = filters(request)
         query = str(request.url.query)
         return page(request, "feature.html", f=f, prev=db.neighbour(j, -1, flt), next=db.neighbour(j, 1, flt),
-                    query=("?" + query) if query else "", flt=flt)
+                    query=("?" + query) if query else "", flt=flt, ablation=db.ablation(j))
 
     @app.get("/features")
     def navigate(request: Request):
@@ -233,6 +229,7 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
             raise HTTPException(404, f"feature {j} does not exist")
         return f
 
+    experiments.register(app, run, db, page, number, templates.env.globals["asset"])
     heat = {}
 
     @app.get("/api/example/{ex}/patches")

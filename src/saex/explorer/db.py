@@ -11,6 +11,12 @@ from pathlib import Path
 SQLITE_MAX_INT = 2**63 - 1  # SQLite integers are signed 64-bit: binding a larger Python int raises OverflowError
 
 
+def shown(value, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short (a URL may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def is_row_id(i: int) -> bool:
     """Whether `i` may name a row: ids count from 0, and SQLite cannot even compare an int past its range."""
     return 0 <= i <= SQLITE_MAX_INT
@@ -50,6 +56,9 @@ class IndexDB:
         self.folder = self.path.parent
         with self._connect() as db:
             self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+            self.tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # an index built before the ablation pass has no table, one built with --no-ablation an empty one
+            self.has_ablation = "ablation" in self.tables and db.execute("SELECT 1 FROM ablation LIMIT 1").fetchone() is not None
         self.label_names = self.meta.get("label_names") or []
 
     def _connect(self) -> sqlite3.Connection:
@@ -78,6 +87,48 @@ class IndexDB:
             lab["name"] = self.label_name(lab["label"])
         out["top_label_name"] = self.label_name(out["top_label"])
         return out
+
+    def ablation(self, j: int) -> dict | None:
+        """What ablating feature j on its top examples did (KL, loss change, the labels it moves), with the mean
+        change of each output's probability, largest first; None without the tables or for a feature not ablated."""
+        if not self.has_ablation or not is_row_id(j):
+            return None
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM ablation WHERE feature = ?", (j,)).fetchone()
+            if row is None:
+                return None
+            out = dict(row)
+            out["outputs"] = [dict(r) for r in db.execute(
+                "SELECT name, delta FROM ablation_outputs WHERE feature = ? ORDER BY delta DESC, name", (j,))] \
+                if "ablation_outputs" in self.tables else []
+        return out
+
+    ABLATION_ORDERS = ("loss_delta", "kl")
+
+    def ablation_ranking(self, by: str, offset: int, limit: int) -> tuple[list[dict], int]:
+        """A page of ablated features, the largest `by` first (features without a value last), and how many
+        there are in all."""
+        if by not in self.ABLATION_ORDERS:
+            raise ValueError(f"cannot rank by {by!r}; valid: {', '.join(self.ABLATION_ORDERS)}")
+        with self._connect() as db:
+            rows = [dict(r) for r in db.execute(
+                f"SELECT a.*, f.density, f.top_label FROM ablation a LEFT JOIN features f ON f.id = a.feature "
+                f"ORDER BY a.{by} IS NULL, a.{by} DESC, a.feature LIMIT ? OFFSET ?", (limit, offset))]
+            total = db.execute("SELECT COUNT(*) FROM ablation").fetchone()[0]
+        for r in rows:
+            r["top_label_name"] = self.label_name(r["top_label"])
+        return rows, total
+
+    def examples_brief(self, examples: list[int]) -> dict[int, dict]:
+        """Id, label name, thumbnail and the start of the text of each of these examples that the index holds."""
+        wanted = sorted({e for e in examples if isinstance(e, int) and is_row_id(e)})
+        if not wanted:
+            return {}
+        with self._connect() as db:
+            rows = db.execute("SELECT example, id, label, thumb, substr(text, 1, 240) AS text FROM examples "
+                              f"WHERE example IN ({', '.join('?' * len(wanted))})", wanted).fetchall()
+        return {r["example"]: {"id": r["id"], "label": self.label_name(r["label"]), "thumb": r["thumb"],
+                               "text": r["text"]} for r in rows}
 
     def label_name(self, label: int | None) -> str:
         if label is None or label < 0 or label >= len(self.label_names):

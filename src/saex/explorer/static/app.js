@@ -108,5 +108,163 @@ const saex = (() => {
     await draw(first);
   }
 
-  return { overview, feature, game, heatmap };
+  // Experiments: the effect of an edit list on one example (/api/edit), drawn by the steer control and the edit page.
+  function el(tag, props = {}, ...children) {
+    const e = Object.assign(document.createElement(tag), props);
+    e.append(...children.flat().map(c => c instanceof Node ? c : String(c)));  // text, never HTML
+    return e;
+  }
+  const fmt = (x, digits = 4) => x === null || x === undefined ? "–" : x.toFixed(digits);
+  const small = x => x === null || x === undefined ? "–" : x === 0 || Math.abs(x) >= 1e-3 ? x.toFixed(4) : x.toExponential(2);
+  const pct = p => p === null ? "–" : `${(100 * p).toFixed(p < 0.001 ? 3 : 1)}%`;
+
+  function probBars(probs) {  // every class: the clean probability (grey) over the edited one (blue)
+    return el("div", { className: "probs" }, probs.map(p => {
+      const bar = el("i", {}, el("b", { className: "clean" }), el("b", { className: "edited" }));
+      bar.children[0].style.width = `${100 * (p.clean || 0)}%`;
+      bar.children[1].style.width = `${100 * (p.edited || 0)}%`;
+      const row = el("div", {}, el("span", {}, p.name), bar, el("em", {}, `${pct(p.clean)} → ${pct(p.edited)}`));
+      row.dataset.edited = String(p.edited);
+      return row;
+    }));
+  }
+
+  function changes(title, items) {
+    return el("p", {}, el("b", {}, `${title}: `), items.map(c => `${c.name} ${c.delta > 0 ? "+" : ""}${pct(c.delta)}`).join(" · ") || "none");
+  }
+
+  function neighbours(title, items, examples) {
+    return el("div", { className: "neighbours" }, el("b", {}, title), items.map(n => {
+      const e = examples[n.example] || {}, label = `${e.id ?? n.example}${e.label ? " · " + e.label : ""} · cos ${fmt(n.cosine, 3)}`;
+      const a = el("a", { href: `/example/${n.example}`, title: label });
+      a.append(e.thumb ? el("img", { src: e.thumb, alt: label }) : el("span", {}, (e.text || label).slice(0, 90)));
+      return a;
+    }));
+  }
+
+  function showEffect(box, data) {
+    const fx = data.effect, out = fx.effect || {}, stats = [];
+    if ("kl" in out) stats.push(`KL ${small(out.kl)} nats`);
+    if ("top_clean" in out) stats.push(out.top_clean === out.top_edited ? `top: ${out.top_clean} (unchanged)` : `top: ${out.top_clean} → ${out.top_edited}`);
+    if ("embedding_cosine" in out) stats.push(`embedding cosine ${fmt(out.embedding_cosine)}`);
+    const n = fx.features_changed.length;
+    stats.push(`${n} feature${n === 1 ? "" : "s"} changed`);
+    const parts = [el("p", { className: "stats summary" }, stats.join(" · "))];
+    if (out.probs) parts.push(probBars(out.probs));
+    else if (out.gained) parts.push(changes("gained", out.gained), changes("lost", out.lost));
+    if (fx.continuation) parts.push(el("p", {}, el("b", {}, "clean: "), fx.continuation.clean), el("p", {}, el("b", {}, "edited: "), fx.continuation.edited));
+    if (fx.neighbours) parts.push(neighbours("nearest before", fx.neighbours.before, data.examples), neighbours("nearest after", fx.neighbours.after, data.examples));
+    box.replaceChildren(...parts);
+    box.dataset.kl = out.kl ?? "";
+    box.dataset.version = String(+(box.dataset.version || 0) + 1);
+  }
+
+  function effectRunner(box, onError, onResult = () => {}) {  // the latest request wins; a burst of input sends one
+    let seq = 0, timer = null;
+    return (example, edits, delay = 150) => {
+      clearTimeout(timer);
+      timer = setTimeout(async () => {
+        const mine = ++seq;
+        box.classList.add("busy");
+        try {
+          const r = await fetch(`/api/edit?example=${example}&edits=${encodeURIComponent(JSON.stringify(edits))}`);
+          const data = await r.json().catch(() => ({ detail: `the server answered ${r.status}` }));
+          if (mine !== seq) return;
+          if (!r.ok) onError(data.detail); else { showEffect(box, data); onResult(data); }
+        } catch (e) {
+          if (mine === seq) onError(`the server did not answer (${e})`);
+        } finally {
+          if (mine === seq) box.classList.remove("busy");
+        }
+      }, delay);
+    };
+  }
+
+  function steer(feature) {
+    const $ = id => document.getElementById(id), alpha = $("alpha"), pick = $("steer-example"), box = $("steer-effect");
+    if (!alpha) return;  // a dead feature: no top example to steer
+    const run = effectRunner(box, detail => box.replaceChildren(el("p", { className: "error" }, detail)));
+    const update = () => {
+      const edits = [{ op: "add", features: [feature], value: +alpha.value }];
+      $("alpha-value").textContent = alpha.value;
+      $("steer-edit").href = `/edit/${pick.value}?edits=${encodeURIComponent(JSON.stringify(edits))}`;
+      run(pick.value, edits);
+    };
+    alpha.addEventListener("input", update);
+    pick.addEventListener("change", update);
+  }
+
+  function editor(example, initial) {
+    const $ = id => document.getElementById(id), q = (row, c) => row.querySelector(c), box = $("effect");
+    const rows = [...document.querySelectorAll("#edit-features tr[data-feature]")], byFeature = new Map(rows.map(r => [+r.dataset.feature, r]));
+    let extra = [];  // edits the feature table does not hold, in their order, after the table's
+    const fail = detail => { $("edit-error").textContent = detail; };
+    const run = effectRunner(box, fail, data => {
+      const after = new Map(data.effect.features_changed.map(c => [c.feature, c.after]));
+      rows.forEach(r => { q(r, ".after").textContent = after.has(+r.dataset.feature) ? fmt(after.get(+r.dataset.feature), 3) : ""; });
+    });
+
+    function edits() {
+      const out = [];
+      rows.forEach(r => {
+        const j = +r.dataset.feature, clamp = q(r, ".clamp").value.trim(), scale = q(r, ".scale").value.trim();
+        if (!q(r, ".on").checked) return out.push({ op: "zero", features: [j] });
+        if (clamp !== "") out.push({ op: "clamp", features: [j], value: +clamp });
+        if (scale !== "") out.push({ op: "scale", features: [j], value: +scale });
+      });
+      return out.concat(extra);
+    }
+
+    function refresh(delay = 250) {
+      const list = edits();
+      $("edit-list").value = list.length ? "[\n" + list.map(e => "  " + JSON.stringify(e)).join(",\n") + "\n]" : "[]";
+      $("download").href = `/api/edits?edits=${encodeURIComponent(JSON.stringify(list))}`;
+      rows.forEach(r => { q(r, ".clamp").disabled = q(r, ".scale").disabled = !q(r, ".on").checked; });
+      $("extra").replaceChildren(...extra.map((e, i) => {
+        const remove = el("button", { type: "button", title: "remove this edit" }, "×");
+        remove.addEventListener("click", () => { extra.splice(i, 1); refresh(0); });
+        return el("li", {}, JSON.stringify(e), " ", remove);
+      }));
+      fail("");
+      run(example, list, delay);
+    }
+
+    function apply(items) {  // the table takes the longest prefix it can hold in the order it writes (zero, or clamp then scale)
+      rows.forEach(r => { q(r, ".on").checked = true; q(r, ".clamp").value = q(r, ".scale").value = ""; });
+      const taken = new Map();
+      let i = 0;
+      for (; i < items.length; i++) {
+        const e = items[i], j = (e.features || [])[0], row = (e.features || []).length === 1 && !e.positions && byFeature.get(j);
+        const ops = taken.get(j) || [];
+        const fits = row && (e.op === "zero" || e.op === "clamp" ? !ops.length : e.op === "scale" && !ops.some(o => o !== "clamp"));
+        if (!fits) break;
+        if (e.op === "zero") q(row, ".on").checked = false; else q(row, `.${e.op}`).value = e.value ?? 0;
+        taken.set(j, [...ops, e.op]);
+      }
+      extra = items.slice(i);
+    }
+
+    async function load(text) {  // the server checks the list and gives it in the edit file's form
+      try {
+        const r = await fetch(`/api/edits?edits=${encodeURIComponent(text)}`), data = await r.json();
+        if (!r.ok) return fail(data.detail);
+        apply(data);
+        refresh(0);
+      } catch (e) { fail(`could not load the edit list (${e})`); }
+    }
+
+    rows.forEach(r => r.querySelectorAll("input").forEach(i => i.addEventListener("input", () => refresh())));
+    const ids = text => (text || "").split(/[\s,]+/).filter(Boolean).map(Number);
+    const form = (id, make) => $(id).addEventListener("submit", ev => { ev.preventDefault(); extra.push(make(new FormData(ev.target))); refresh(0); });
+    form("add-form", d => ({ op: "add", features: [+d.get("feature")], value: +d.get("value") }));
+    form("copy-form", d => ({ op: "copy", source: d.get("source"), features: ids(d.get("features")) }));
+    form("pair-form", d => ({ op: "pair", source: d.get("source"), target: d.get("target"), features: ids(d.get("features")) }));
+    $("load").addEventListener("click", () => load($("edit-list").value));
+    $("upload").addEventListener("change", async ev => { if (ev.target.files[0]) { $("edit-list").value = await ev.target.files[0].text(); load($("edit-list").value); } });
+    $("reset").addEventListener("click", () => { apply([]); refresh(0); });
+    apply(initial);
+    refresh(0);
+  }
+
+  return { overview, feature, game, heatmap, steer, editor };
 })();

@@ -1,0 +1,227 @@
+"""The explorer's experiments: the edit page of one example, the edit API that it and the feature page's
+steer control call, edit lists to download and load (the format of `saex edit --edits`), and the ranking
+of features by what ablating them does.
+
+Experiments run the run's model. It is loaded once, on the first request that needs it; one lock
+serialises its use, since an edited forward pass hooks the model and two at once would see each other's
+hook. Every input is checked against the index before the model is touched, so a bad request is a quick
+4xx and never loads it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from saex.explorer.db import SQLITE_MAX_INT, IndexDB, shown
+
+if TYPE_CHECKING:
+    from saex.analysis.edit import Edit
+
+MAX_EDITS = 64  # per request: each copy or pair source costs a forward pass, each edit a pass over the code
+MAX_SOURCES = 4
+MAX_NEIGHBOURS, NEIGHBOURS = 32, 8
+MAX_VALUE = 1e6  # past this an edited activation overflows float32 downstream
+MAX_POSITION = 2**31 - 1
+RANKING_PAGE = 100
+
+
+def edits_json(edits: list[Edit]) -> list[dict]:
+    from saex.analysis import edit  # it imports torch: loaded by the first experiment, not by the app
+
+    return edit.edits_json(edits)
+
+
+def finite(value):
+    """A JSON-able value with every non-finite float as null (JSON has no nan or inf)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+class Lab:
+    """The run's Experiment, made on first use and shared by every request; recent effects are kept by
+    (example, edit list, neighbours), so a slider moved back or a page reloaded costs nothing."""
+
+    def __init__(self, run: Path, sae: str, keep: int = 128):
+        self.run, self.sae, self.keep = Path(run), sae, keep
+        self.lock = threading.Lock()
+        self.experiment = None
+        self.failure: str | None = None
+        self.effects: OrderedDict[tuple, dict] = OrderedDict()
+
+    def _experiment(self):
+        if self.experiment is None and self.failure is None:
+            try:
+                from saex.analysis.experiment import Experiment
+
+                self.experiment = Experiment(self.run, self.sae, device="cpu")
+            except (OSError, ValueError, RuntimeError, ImportError, KeyError) as e:  # remembered: no retry per request
+                self.failure = f"{type(e).__name__}: {e}".replace(str(self.run), self.run.name)
+        if self.failure is not None:
+            raise HTTPException(503, "experiments need the run's model, SAE and activations, and they did not "
+                                     f"load: {self.failure}")
+        return self.experiment
+
+    def effect(self, example: int, edits: list[Edit], neighbours: int) -> dict:
+        """Experiment.effect of a dataset example (callers must not change the dict: it is shared)."""
+        key = (example, json.dumps(edits_json(edits), sort_keys=True), neighbours)
+        with self.lock:
+            if key in self.effects:
+                self.effects.move_to_end(key)
+                return self.effects[key]
+            experiment = self._experiment()
+            import torch
+
+            # One example is milliseconds of work (fmnist-vit: 16 patches), and torch's threads wait for each other
+            # at the end of every operation: on 2 cores shared with busy processes an effect took 0.03-1.6 s on
+            # 2 threads against 0.01-0.04 s on 1. So it runs on one; the process's count comes back after.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out = finite(experiment.effect(str(example), edits, neighbours))
+            except ValueError as e:  # e.g. positions that hold none of the selected tokens
+                raise HTTPException(400, str(e)) from None
+            finally:
+                torch.set_num_threads(threads)
+            self.effects[key] = out
+            while len(self.effects) > self.keep:
+                self.effects.popitem(last=False)
+        return out
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {shown(text, 20)} is too large")
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number an edit may use")
+
+
+class EditChecker:
+    """Edit lists from the web: JSON text -> checked edits whose sources are examples of the index."""
+
+    def __init__(self, db: IndexDB):
+        self.db, self.d_sae = db, db.meta["d_sae"]
+
+    def parse(self, text: str | None, where: str = "edits") -> list[Edit]:
+        if text is None or not text.strip():
+            return []
+        try:
+            items = json.loads(text, parse_float=_strict_float, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise HTTPException(400, f"{where} is nested too deeply to be an edit list") from None
+        except ValueError as e:
+            raise HTTPException(400, f"{where}={shown(text)} is not valid JSON ({e}); give a list of edits such "
+                                     'as [{"op": "zero", "features": [3]}]') from None
+        from saex.analysis.edit import parse_edits
+
+        try:
+            edits = parse_edits(items, self.d_sae, where)
+        except ValueError as e:
+            raise HTTPException(400, str(e)[:400]) from None
+        if len(edits) > MAX_EDITS:
+            raise HTTPException(400, f"{where} has {len(edits)} edits; the explorer runs at most {MAX_EDITS}")
+        sources = {str(ref) for e in edits for ref in e.examples()}
+        if len(sources) > MAX_SOURCES:
+            raise HTTPException(400, f"{where} reads {len(sources)} other examples; the explorer reads at most "
+                                     f"{MAX_SOURCES}")
+        for i, e in enumerate(edits):
+            self._check(e, f"{where}[{i}]")
+        return edits
+
+    def _check(self, e: Edit, where: str) -> None:
+        if abs(e.value) > MAX_VALUE:
+            raise HTTPException(400, f"{where}: value {shown(e.value)} is too large; valid: -{MAX_VALUE:g} to "
+                                     f"{MAX_VALUE:g}")
+        if e.positions is not None:
+            if not isinstance(e.positions, list) or not e.positions or not all(
+                    isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_POSITION for p in e.positions):
+                raise HTTPException(400, f"{where}: positions {shown(e.positions)} must be a non-empty list of token "
+                                         "positions (integers from 0), or left out for every selected token")
+        for name in ("source", "target"):
+            ref = getattr(e, name)
+            if ref is not None:
+                setattr(e, name, str(self.example(ref, f"{where}: {name}")))
+
+    def example(self, ref, where: str) -> int:
+        """An example id of the index, from an int or a decimal string."""
+        text = str(ref) if isinstance(ref, (int, str)) and not isinstance(ref, bool) else None
+        if text is None or not re.fullmatch(r"[0-9]{1,19}", text.strip()) or int(text) > SQLITE_MAX_INT:
+            raise HTTPException(400, f"{where} {shown(ref)} must be an example id of this index (an integer)")
+        if not self.db.examples_brief([int(text)]):
+            raise HTTPException(404, f"{where}: example {int(text)} is not in the index")
+        return int(text)
+
+
+def register(app: FastAPI, run: Path, db: IndexDB, page: Callable, number: Callable, asset: Callable) -> None:
+    """Add the experiment routes to the app; `page`, `number` and `asset` are the app's page renderer, query
+    number parser and asset URL maker."""
+    lab = app.state.experiments = Lab(run, db.meta["sae"])
+    checker = EditChecker(db)
+
+    def examples_of(effect: dict) -> dict[str, dict]:
+        """What the page shows of the neighbours an effect names: id, label, thumbnail URL, text."""
+        refs = [n["example"] for side in (effect.get("neighbours") or {}).values() for n in side]
+        return {str(ex): {**b, "thumb": asset("thumbs", b["thumb"]) if b["thumb"] else None}
+                for ex, b in db.examples_brief(refs).items()}
+
+    def feature_brief(j: int) -> dict:
+        f = db.feature(j) or {}
+        top = [e for e in f.get("examples", []) if e["kind"] == "top"][:4]
+        return {"density": f.get("density"), "top_label_name": f.get("top_label_name", ""),
+                "thumbs": [asset("thumbs", e["thumb"]) for e in top if e["thumb"]],
+                "snippet": "".join(t for t, _ in (top[0]["tokens"] or [])) if top and not top[0]["thumb"] else ""}
+
+    @app.get("/api/edit")
+    def edit_effect(request: Request):
+        """What an edit list does to one example: Experiment.effect's JSON under "effect", the edits as
+        checked, and the neighbours' ids, labels and thumbnails under "examples"."""
+        ex = number(request, "example", int, 0, SQLITE_MAX_INT)
+        if ex is None:
+            raise HTTPException(400, "example is required: an example id of this index")
+        ex = checker.example(ex, "example")
+        edits = checker.parse(request.query_params.get("edits"))
+        neighbours = number(request, "neighbours", int, 0, MAX_NEIGHBOURS)
+        effect = lab.effect(ex, edits, NEIGHBOURS if neighbours is None else neighbours)
+        return JSONResponse({"effect": effect, "edits": edits_json(edits), "examples": examples_of(effect)})
+
+    @app.get("/api/edits")
+    def edit_file(request: Request):
+        """An edit list checked and in the edit file's form, as a download (`saex edit --edits FILE`)."""
+        edits = checker.parse(request.query_params.get("edits"))
+        return JSONResponse(edits_json(edits), headers={"Content-Disposition": 'attachment; filename="edits.json"'})
+
+    @app.get("/edit/{ex}", response_class=HTMLResponse)
+    def edit_page(request: Request, ex: int):
+        e = db.example(ex)
+        if e is None:
+            raise HTTPException(404, f"example {ex} is not in the index")
+        edits = edits_json(checker.parse(request.query_params.get("edits")))
+        active = lab.effect(ex, [], NEIGHBOURS)["active_before"]  # what the page asks first: then in the cache
+        return page(request, "edit.html", e=e, edits=edits,
+                    features=[{**a, **feature_brief(a["feature"])} for a in active])
+
+    @app.get("/ablation", response_class=HTMLResponse)
+    def ablation(request: Request, by: str = Query("loss_delta", pattern="^(loss_delta|kl)$")):
+        if not db.has_ablation:
+            raise HTTPException(404, "this index has no ablation effects: build it again with `saex index` "
+                                     "(its ablation pass) to rank features by them")
+        offset = number(request, "offset", int, 0, SQLITE_MAX_INT) or 0
+        rows, total = db.ablation_ranking(by, offset, RANKING_PAGE)
+        return page(request, "ablation.html", rows=rows, total=total, by=by, offset=offset, size=RANKING_PAGE)
