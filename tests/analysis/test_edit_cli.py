@@ -191,3 +191,22 @@ def test_the_token_figure_is_a_png_and_an_embedding_alone_has_none():
                          "lost": [{"name": "\n", "clean": 0.4, "edited": 0.1, "delta": -0.3}]}}
     assert effect_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
     assert effect_png({**result, "effect": {"embedding_cosine": 0.9}}) is None
+
+
+def test_attribute_writes_what_the_attribution_api_returns(image_exp, tmp_path, capsys):
+    from saex.analysis.attribution import integrated_gradients
+
+    f = _strongest(image_exp, "5", 1)[0]
+    args = ["attribute", "--run", str(image_exp.run), "--sae", image_exp.sae_name, "--example", "5",
+            "--feature", str(f), "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    got = _json(tmp_path / "a" / "attribution.json")
+    inp, _ = image_exp.input_of("5")
+    want = integrated_gradients(image_exp.adapter, image_exp.sae, image_exp.point, image_exp.tokens, f,
+                                image_exp.adapter.prepare([inp]), steps=64).to_json()
+    assert got["completeness"]["relative_error"] < 0.01
+    torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor(want["values"]), atol=1e-5, rtol=0)
+    assert (tmp_path / "a" / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "completeness: attributions sum to" in capsys.readouterr().out
+    assert main(args[:-2] + ["--feature", str(image_exp.d_sae), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()
