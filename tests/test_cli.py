@@ -64,3 +64,24 @@ def test_cli_reference_in_docs_is_current(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     docs = Path(__file__).parents[1] / "docs" / "cli.md"
     assert docs.read_text() == markdown_reference(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_failures_are_one_line_user_errors_exit_2_and_bugs_exit_1(monkeypatch, capsys):
+    import errno
+
+    from saex import cli
+
+    cases = [(MemoryError(), 2, "out of memory"),
+             (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2, "lower --batch-size"),
+             (OSError(errno.ENOSPC, "No space left on device", "/runs/x/acts"), 2,
+              "no space left on the device writing /runs/x/acts; free some and run the same command again"),
+             (OSError(errno.EACCES, "Permission denied", "/runs/x"), 2, "Permission denied: /runs/x"),
+             (ZeroDivisionError("division by zero"), 1, "ZeroDivisionError: division by zero (this is a bug in saex")]
+    for exc, code, message in cases:
+        def fail(cfg, exc=exc):
+            raise exc
+
+        monkeypatch.setitem(cli.COMMANDS, "zoo", (cli.COMMANDS["zoo"][0], lambda: (cli.ZooConfig, fail)))
+        assert cli.main(["zoo", "list"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("saex zoo: error: ") and message in err and err.count("\n") == 1, err

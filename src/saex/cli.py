@@ -142,15 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SAEX_DEBUG"):
             raise
         print(f"saex {args.command}: error: {error_message(e)}", file=sys.stderr)
-        return 2 if isinstance(e, USER_ERRORS) else 1
+        return 2 if isinstance(e, USER_ERRORS) or "out of memory" in str(e).lower() else 1
     return 0
 
 
 # what a user's input or machine can cause: said in a line (exit 2); anything else is saex's bug (exit 1)
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, IndexError, ImportError, OSError, sqlite3.Error)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, IndexError, ImportError, OSError, sqlite3.Error,
+               MemoryError)
 
 
 def error_message(e: Exception) -> str:
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        return (f"out of memory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}); lower "
+                "--batch-size or the SAE's width (--d-sae, --expansion), or use a device with more memory")
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "disk is full" in str(e):
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         return f"no space left on the device{where}; free some and run the same command again: it resumes"
