@@ -224,3 +224,28 @@ def test_steer_slider_changes_the_probabilities(browser, site, image_run, tmp_pa
     page.screenshot(path=str(tmp_path / "steer.png"), full_page=True)
     _shot(page, "steer")
     assert not errors, errors
+
+
+def test_attribution_toggle_swaps_the_top_images_for_overlays(browser, site, image_run):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
+                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    page, errors = _page(browser)
+    page.goto(f"{site}/feature/{j}")
+    srcs = "() => [...document.querySelectorAll('#top-grid img')].map(i => i.getAttribute('src'))"
+    loaded = "() => [...document.querySelectorAll('#top-grid img')].every(i => i.complete && i.naturalWidth > 0)"
+    thumbs = page.evaluate(srcs)
+    assert len(thumbs) == 16 and all(s.startswith("/thumbs/") for s in thumbs)
+    page.check("#attr-on")
+    shown = page.evaluate(srcs)
+    examples = page.eval_on_selector_all("#top-grid img", "imgs => imgs.map(i => i.dataset.example)")
+    assert [s.split("?")[0] for s in shown] == [f"/attribution/{ex}/{j}.png" for ex in examples]
+    assert all("method=integrated-gradients&v=" in s for s in shown)
+    page.wait_for_function(loaded, timeout=120_000)  # each computed on the server, one at a time (the first loads the model)
+    _shot(page, "feature-attribution")
+    page.select_option("#attr-method", "occlusion")
+    assert all("method=occlusion" in s for s in page.evaluate(srcs))
+    page.wait_for_function(loaded, timeout=120_000)
+    page.uncheck("#attr-on")
+    assert page.evaluate(srcs) == thumbs
+    assert not errors, errors

@@ -1,10 +1,13 @@
 """The explorer's experiments: the edit API against Experiment.effect called directly, the edit page, edit
-lists both ways between the page and the CLI's loader, bad input, speed, and the ablation views with and
-without the index's ablation tables (made here in a copy of the index, as the index's contract has them)."""
+lists both ways between the page and the CLI's loader, bad input, speed, the ablation views with and
+without the index's ablation tables (made here in a copy of the index, as the index's contract has them),
+and attributions against the attribution API called directly, with their cache."""
 
 import html
+import io
 import json
 import math
+import os
 import re
 import shutil
 import sqlite3
@@ -172,7 +175,16 @@ def bad_requests(ids):
             ("/api/edits?edits=%5B", 400, "not valid JSON"),
             (f"/edit/{missing}", 404, f"example {missing} is not in the index"), ("/edit/abc", 404, "no such page"),
             (f"/edit/{ex}?edits=" + quote('[{"op": "zero"}]'), 400, "zero needs features"),
-            ("/ablation?by=colour", 400, "by='colour'")]
+            ("/ablation?by=colour", 400, "by='colour'"),
+            (f"/attribution/{missing}/{top}.png", 404, f"example {missing} is not in the index"),
+            (f"/attribution/-3/{top}.png", 404, "example -3 is not in the index"),
+            (f"/attribution/{2**64}/{top}.png", 404, f"example {2**64} is not in the index"),
+            (f"/attribution/{ex}/{D_SAE}.png", 404, f"feature {D_SAE} does not exist; this SAE has features 0..255"),
+            (f"/attribution/{ex}/-1.png", 404, "feature -1 does not exist"),
+            (f"/attribution/{ex}/{top}.png?method=saliency", 400,
+             "method='saliency' is not an attribution method; valid: integrated-gradients, gradient-x-input, occlusion"),
+            (f"/attribution/abc/{top}.png", 404, "no such page"), (f"/attribution/{ex}/{top}.jpg", 404, "Not Found"),
+            (f"/api/attribution/{ex}/{top}", 404, "this is an image run")]
 
 
 def test_bad_input_is_4xx_and_never_loads_the_model(image_run, ids):
@@ -186,6 +198,7 @@ def test_bad_input_is_4xx_and_never_loads_the_model(image_run, ids):
         else:
             assert '<p class="error">' in r.text and message in html.unescape(r.text), (path[:100], r.text[:300])
     assert app.state.experiments.experiment is None  # all refused from the index alone: quick, and no 2 s load
+    assert app.state.experiments.attributions_computed == 0
     r = client.get(url(ids["ex"], [{"op": "zero", "features": [ids["top"]], "positions": [999]}]))
     assert r.status_code == 400 and "hold none of the selected tokens" in r.json()["detail"]  # the model's check
 
@@ -347,3 +360,119 @@ def test_non_finite_numbers_become_null():
 
     assert finite({"a": [1.0, math.inf, {"b": math.nan}], "c": "x", "d": 2}) == {"a": [1.0, None, {"b": None}], "c": "x",
                                                                                   "d": 2}
+
+
+# Attributions, on a copy of the index: its cache starts empty.
+
+@pytest.fixture(scope="module")
+def attr_run(image_run, tmp_path_factory):
+    return copy_run(image_run, tmp_path_factory.mktemp("attr") / "run", ablation=False)[0]
+
+
+def direct_overlay(experiment, ex, feature, method="integrated-gradients") -> bytes:
+    """The overlay as the attribution API makes it, called here, on one thread as the app computes it."""
+    import torch
+
+    from saex.analysis.attribution import gradient_x_input, integrated_gradients, model_image, occlusion, overlay_png
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inp, _ = experiment.input_of(str(ex))
+        batch = experiment.adapter.prepare([inp], experiment.context)
+        args = (experiment.adapter, experiment.sae, experiment.point, experiment.tokens, feature, batch)
+        result = {"integrated-gradients": lambda: integrated_gradients(*args, positions=None, steps=64),
+                  "gradient-x-input": lambda: gradient_x_input(*args), "occlusion": lambda: occlusion(*args)}[method]()
+        return overlay_png(model_image(experiment.adapter, batch), result.values, colorbar=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pixels(png: bytes):
+    import numpy as np
+    from PIL import Image
+
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(png)) as im:
+        im.verify()
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGBA"))
+
+
+def test_an_attribution_overlay_is_integrated_gradients_and_is_cached(attr_run, experiment, ids, monkeypatch):
+    app = create_app(attr_run)
+    client, lab = TestClient(app), app.state.experiments
+    ex, j = ids["ex"], ids["top"]
+    assert client.get(url(ex, [])).status_code == 200  # loads the model: the times below are the overlay's
+    link = f"/attribution/{ex}/{j}.png?method=integrated-gradients&v={lab.version()}"
+    start = time.perf_counter()
+    r = client.get(link)
+    first = time.perf_counter() - start
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:300]
+    expected = direct_overlay(experiment, ex, j)
+    assert r.content == expected or (pixels(r.content) == pixels(expected)).all()
+    cache = attr_run / "index" / "topk-k8" / "attributions" / f"{ex}-{j}-integrated-gradients.png"
+    assert cache.read_bytes() == r.content and lab.attributions_computed == 1
+    assert r.headers["cache-control"] == "public, max-age=31536000, immutable"  # this build's URL
+
+    def no_model():
+        raise AssertionError("a cached attribution ran the model")
+
+    monkeypatch.setattr(lab, "_experiment", no_model)
+    start = time.perf_counter()
+    again = client.get(link)
+    cached = time.perf_counter() - start
+    print(f"attribution overlay: first {1000 * first:.0f} ms, cached {1000 * cached:.1f} ms")
+    assert again.status_code == 200 and again.content == r.content and lab.attributions_computed == 1
+    assert client.get(f"/attribution/{ex}/{j}.png").headers["cache-control"] == "no-cache"  # unversioned: revalidate
+    etag = again.headers["etag"]
+    assert client.get(link, headers={"If-None-Match": etag}).status_code == 304
+    assert cached < first
+    monkeypatch.undo()
+    # a rebuilt index: the file is older than it, so it is computed again, under a new version
+    old = lab.version()
+    built, written = time.time_ns() - 10**9, time.time_ns() - 2 * 10**9  # the index built after the file
+    os.utime(cache, ns=(written, written))
+    os.utime(attr_run / "index" / "topk-k8" / "index.sqlite", ns=(built, built))
+    assert lab.version() != old and lab.cached(cache) is None
+    stale = client.get(link)
+    assert stale.headers["cache-control"] == "no-cache" and lab.attributions_computed == 2
+    assert lab.cached(cache) is not None and stale.headers["etag"] != etag
+
+
+def test_each_attribution_method_has_its_overlay(attr_run, experiment, ids):
+    client = TestClient(create_app(attr_run))
+    ex, j = ids["other"], ids["top"]
+    got = {}
+    for method in ("gradient-x-input", "occlusion"):
+        r = client.get(f"/attribution/{ex}/{j}.png?method={method}")
+        assert r.status_code == 200, r.text[:300]
+        expected = direct_overlay(experiment, ex, j, method)
+        assert r.content == expected or (pixels(r.content) == pixels(expected)).all(), method
+        got[method] = r.content
+    assert got["gradient-x-input"] != got["occlusion"]
+
+
+def test_a_text_run_attributes_its_tokens(text_run):
+    from saex.analysis.attribution import integrated_gradients
+
+    db = sqlite3.connect(text_run / "index" / "topk-k8" / "index.sqlite")
+    ex, j = db.execute("SELECT example, feature FROM example_features ORDER BY example, rank LIMIT 1").fetchone()
+    (text_run / "index" / "topk-k8" / "attributions" / f"{ex}-{j}-integrated-gradients.json").unlink(missing_ok=True)
+    client = TestClient(create_app(text_run))
+    r = client.get(f"/attribution/{ex}/{j}.png")
+    assert r.status_code == 404 and f"/api/attribution/{ex}/{j} gives each token" in r.text
+    r = client.get(f"/api/attribution/{ex}/{j}")
+    assert r.status_code == 200, r.text[:300]
+    got = r.json()
+    exp = Experiment(text_run, "topk-k8")
+    inp, _ = exp.input_of(str(ex))
+    batch = exp.adapter.prepare([inp], exp.context)
+    result = integrated_gradients(exp.adapter, exp.sae, exp.point, exp.tokens, j, batch, positions=None, steps=64)
+    assert [t for t, _ in got["tokens"]] == [t for t, _ in result.token_values()]
+    assert len(got["text"]) == len(got["tokens"]) and "".join(got["text"]).strip()  # the pieces as they read
+    assert [v for _, v in got["tokens"]] == pytest.approx([v for _, v in result.token_values()], rel=1e-4, abs=1e-6)
+    assert got["value"] == pytest.approx(result.value, rel=1e-5) and got["value"] > 0  # the example's own feature
+    assert client.get(f"/api/attribution/{ex}/{j}?method=zap").status_code == 400
+    page = client.get(f"/feature/{j}").text
+    assert 'id="attribution"' in page and '<li data-example="' in page

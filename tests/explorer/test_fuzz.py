@@ -21,7 +21,8 @@ TEXTS = ["", " ", "abc", "true", "on", "é", "日本語", "\u202e", "🙂", "%00
          "..%2F..%2Findex.sqlite", "%2e%2e%2fetc%2fpasswd", "/etc/passwd", "a" * 256, "b" * 5000, "x/" * 300,
          "%0d%0aSet-Cookie:x", "<script>", "'\"", "a&b=c", "%3Cb%3E", "\\..\\", "0.png", "pareto.svg", "app.js"]
 FILTERS = ["jump", "entropy", "hide_cluster", "dmin", "dmax", "label", "candidates", "max_log_density", "seed",
-           "mode", "feature", "round", "choice", "v", "example", "edits", "neighbours", "by", "offset"]
+           "mode", "feature", "round", "choice", "v", "example", "edits", "neighbours", "by", "offset", "method"]
+METHODS = ["integrated-gradients", "gradient-x-input", "occlusion"]
 EDITS = []  # edit lists, filled by the test from real ids: mostly hostile, a few valid (each runs the model once)
 
 
@@ -64,10 +65,11 @@ def urls(seed, real):
               ("/api/feature/{}", []), ("/api/example/{}/patches", ["feature"]), ("/api/game/check", ["round", "choice"]),
               ("/thumbs/{}", ["v"]), ("/plots/{}", ["v"]), ("/static/{}", ["v"]), ("/{}", []), ("/api/{}", []),
               ("/edit/{}", ["edits"]), ("/api/edit", ["example", "edits", "neighbours"]), ("/api/edits", ["edits"]),
-              ("/ablation", ["by", "offset"])]
+              ("/ablation", ["by", "offset"]), ("/attribution/{}/{}.png", ["method", "v"]),
+              ("/api/attribution/{}/{}", ["method", "v"])]
     for _ in range(N_URLS):
         path, names = rng.choice(routes)
-        yield path.format(_value(rng, real)) + _query(rng, real, names)
+        yield path.format(*(_value(rng, real) for _ in range(path.count("{}")))) + _query(rng, real, names)
 
 
 def bad(r, run) -> bool:
@@ -92,7 +94,7 @@ def test_no_generated_url_is_a_server_error(image_run, caplog):
     rounds = re.findall(r'data-round="([^"]+)"', client.get("/game").text + client.get("/game?mode=class").text)
     statuses, failures = collections.Counter(), []
     with caplog.at_level(logging.INFO):
-        for url in urls(20240611, real + rounds + ["app.css", "pareto.svg", "topk-k8"]):
+        for url in urls(20240611, real + rounds + ["app.css", "pareto.svg", "topk-k8"] + METHODS):
             r = client.get(url)
             statuses[r.status_code] += 1
             if bad(r, image_run):
@@ -102,4 +104,6 @@ def test_no_generated_url_is_a_server_error(image_run, caplog):
     assert not failures, f"{len(failures)} bad answers, first: {failures[:5]}; statuses {dict(statuses)}"
     assert not [rec for rec in caplog.records if rec.exc_info or str(image_run) in rec.getMessage()]
     assert statuses[200] > 100 and statuses[404] > 100 and statuses[400] > 100  # it reached pages, not just errors
-    print(f"{len(app.state.experiments.effects)} effects computed")
+    lab = app.state.experiments
+    print(f"{len(lab.effects)} effects and {lab.attributions_computed} attributions computed")
+    assert lab.attributions_computed <= 6  # hostile URLs are refused from the index: only real ids run the model

@@ -1,6 +1,7 @@
 """The explorer's experiments: the edit page of one example, the edit API that it and the feature page's
-steer control call, edit lists to download and load (the format of `saex edit --edits`), and the ranking
-of features by what ablating them does.
+steer control call, edit lists to download and load (the format of `saex edit --edits`), the ranking
+of features by what ablating them does, and input attributions of a feature on an example (overlay PNGs
+for images, (token, value) JSON for text), computed on first request and cached in the index folder.
 
 Experiments run the run's model. It is loaded once, on the first request that needs it; one lock
 serialises its use, since an edited forward pass hooks the model and two at once would see each other's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from saex.explorer.db import SQLITE_MAX_INT, IndexDB, shown
+from saex.analysis.attribute_command import METHODS  # the CLI's names (that module imports no torch)
+from saex.explorer.db import SQLITE_MAX_INT, IndexDB, is_row_id, shown
 
 if TYPE_CHECKING:
     from saex.analysis.edit import Edit
@@ -32,6 +35,8 @@ MAX_NEIGHBOURS, NEIGHBOURS = 32, 8
 MAX_VALUE = 1e6  # past this an edited activation overflows float32 downstream
 MAX_POSITION = 2**31 - 1
 RANKING_PAGE = 100
+IG_STEPS = 64  # integrated gradients' path points, as `saex attribute` takes them by default
+FOREVER, REVALIDATE = "public, max-age=31536000, immutable", "no-cache"  # app.py's policy for assets
 
 
 def edits_json(edits: list[Edit]) -> list[dict]:
@@ -55,12 +60,30 @@ class Lab:
     """The run's Experiment, made on first use and shared by every request; recent effects are kept by
     (example, edit list, neighbours), so a slider moved back or a page reloaded costs nothing."""
 
-    def __init__(self, run: Path, sae: str, keep: int = 128):
+    def __init__(self, run: Path, sae: str, keep: int = 128, index: Path | None = None):
         self.run, self.sae, self.keep = Path(run), sae, keep
+        self.index = index or self.run / "index" / sae / "index.sqlite"
         self.lock = threading.Lock()
         self.experiment = None
         self.failure: str | None = None
         self.effects: OrderedDict[tuple, dict] = OrderedDict()
+        self.attributions_computed = 0
+
+    def version(self) -> str:
+        """The index build's version (index.sqlite's mtime, as app.py stamps assets): attribution URLs carry
+        it, so a rebuilt index gets new URLs and an overlay cached for good by a browser is never stale."""
+        try:
+            return f"{self.index.stat().st_mtime_ns:x}"
+        except OSError:
+            return ""
+
+    def cached(self, path: Path) -> os.stat_result | None:
+        """The cache file's stat if it was written after the index was (an older one is of another build)."""
+        try:
+            st = path.stat()
+            return st if st.st_mtime_ns >= self.index.stat().st_mtime_ns else None
+        except OSError:
+            return None
 
     def _experiment(self):
         if self.experiment is None and self.failure is None:
@@ -100,6 +123,56 @@ class Lab:
             while len(self.effects) > self.keep:
                 self.effects.popitem(last=False)
         return out
+
+    def attribution(self, example: int, feature: int, method: str, path: Path) -> bytes:
+        """The attribution of `feature` on a dataset example by `method`: an overlay PNG (images) or JSON
+        (text), written to `path` for later requests (a read-only index folder: served uncached)."""
+        with self.lock:
+            if self.cached(path):  # made by a request that held the lock while this one waited
+                return path.read_bytes()
+            experiment = self._experiment()
+            import torch
+
+            from saex.analysis import attribution as attr
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as for effects: tens of small operations, each slower on 2 threads
+            try:
+                inp, _ = experiment.input_of(str(example))
+                batch = experiment.adapter.prepare([inp], experiment.context)
+                args = (experiment.adapter, experiment.sae, experiment.point, experiment.tokens, feature, batch, None)
+                if method == "integrated-gradients":
+                    result = attr.integrated_gradients(*args, steps=IG_STEPS)
+                elif method == "gradient-x-input":
+                    result = attr.gradient_x_input(*args)
+                else:
+                    result = attr.occlusion(*args)
+                if experiment.adapter.modality == "image":
+                    data = attr.overlay_png(attr.model_image(experiment.adapter, batch), result.values, colorbar=False)
+                else:
+                    from saex.explorer.windows import surface_pieces
+
+                    ids = batch.inputs["input_ids"][0].tolist()
+                    data = json.dumps(finite({
+                        "example": example, "feature": feature, "method": method, "value": result.value,
+                        "code_value": result.code_value, "completeness": result.completeness,
+                        "tokens": [[t, v] for t, v in result.token_values()],  # the tokenizer's own strings
+                        "text": surface_pieces(experiment.adapter.processor, ids)})).encode()  # as they read
+            except ValueError as e:
+                raise HTTPException(400, str(e)[:400]) from None
+            except OSError as e:  # the dataset's files, moved since the index was built
+                raise HTTPException(503, f"example {example} could not be read: {type(e).__name__}: "
+                                         f"{e}".replace(str(self.run), self.run.name)) from None
+            finally:
+                torch.set_num_threads(threads)
+            self.attributions_computed += 1
+            from saex.atomic import atomic_write_bytes
+
+            try:
+                atomic_write_bytes(path, data)
+            except OSError:
+                pass
+        return data
 
 
 def _strict_float(text: str) -> float:
@@ -172,7 +245,7 @@ class EditChecker:
 def register(app: FastAPI, run: Path, db: IndexDB, page: Callable, number: Callable, asset: Callable) -> None:
     """Add the experiment routes to the app; `page`, `number` and `asset` are the app's page renderer, query
     number parser and asset URL maker."""
-    lab = app.state.experiments = Lab(run, db.meta["sae"])
+    lab = app.state.experiments = Lab(run, db.meta["sae"], index=db.path)
     checker = EditChecker(db)
 
     def examples_of(effect: dict) -> dict[str, dict]:
@@ -225,3 +298,50 @@ def register(app: FastAPI, run: Path, db: IndexDB, page: Callable, number: Calla
         offset = number(request, "offset", int, 0, SQLITE_MAX_INT) or 0
         rows, total = db.ablation_ranking(by, offset, RANKING_PAGE)
         return page(request, "ablation.html", rows=rows, total=total, by=by, offset=offset, size=RANKING_PAGE)
+
+    register_attribution(app, db, lab, checker)
+
+
+def register_attribution(app: FastAPI, db: IndexDB, lab: Lab, checker: EditChecker) -> None:
+    """GET /attribution/{example}/{feature}.png (image runs) and /api/attribution/{example}/{feature} (text).
+    Every parameter is checked against the index first; the answer is cached in RUN/index/<sae>/attributions/
+    and sent, like the app's assets, immutable under the current ?v= and revalidated (ETag) otherwise."""
+    image = db.meta.get("modality") == "image"
+
+    def checked(ex: int, feature: int, method: str) -> Path:
+        if not is_row_id(ex) or not db.examples_brief([ex]):
+            raise HTTPException(404, f"example {shown(ex)} is not in the index")
+        if not 0 <= feature < db.meta["d_sae"]:
+            raise HTTPException(404, f"feature {shown(feature)} does not exist; this SAE has features "
+                                     f"0..{db.meta['d_sae'] - 1}")
+        if method not in METHODS:
+            raise HTTPException(400, f"method={shown(method)} is not an attribution method; valid: {', '.join(METHODS)}")
+        return db.folder / "attributions" / f"{ex}-{feature}-{method}.{'png' if image else 'json'}"
+
+    def answer(request: Request, ex: int, feature: int, method: str, media: str) -> Response:
+        path = checked(ex, feature, method)
+        st = lab.cached(path)
+        data = None if st else lab.attribution(ex, feature, method, path)
+        st = st or lab.cached(path)
+        headers = {"Cache-Control": FOREVER if request.query_params.get("v") == lab.version() else REVALIDATE}
+        if st is not None:
+            headers["ETag"] = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+            if request.headers.get("if-none-match") == headers["ETag"]:
+                return Response(status_code=304, headers=headers)
+        return Response(path.read_bytes() if data is None else data, media_type=media, headers=headers)
+
+    @app.get("/attribution/{ex}/{feature}.png")
+    def attribution_png(request: Request, ex: int, feature: int, method: str = "integrated-gradients"):
+        """A heat map of which pixels raise (red) or lower (blue) the feature on the example, over its grey image."""
+        if not image:
+            raise HTTPException(404, "attribution overlays are for image runs; this is a text run: "
+                                     f"/api/attribution/{ex}/{feature} gives each token's attribution as JSON")
+        return answer(request, ex, feature, method, "image/png")
+
+    @app.get("/api/attribution/{ex}/{feature}")
+    def attribution_json(request: Request, ex: int, feature: int, method: str = "integrated-gradients"):
+        """Each token's attribution of the feature on a text example: {"tokens": [[token, value], ...], ...}."""
+        if image:
+            raise HTTPException(404, "this is an image run: its attributions are overlays, at "
+                                     f"/attribution/{ex}/{feature}.png")
+        return answer(request, ex, feature, method, "application/json")

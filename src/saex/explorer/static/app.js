@@ -266,5 +266,53 @@ const saex = (() => {
     refresh(0);
   }
 
-  return { overview, feature, game, heatmap, steer, editor };
+  // The feature page's attribution toggle: each top image swapped for its overlay PNG, or each top text's
+  // tokens coloured by their attribution (/api/attribution); the browser asks for each one when shown.
+  function attribution() {
+    const form = document.getElementById("attribution");
+    if (!form) return;  // a dead feature: no top example
+    const on = form.querySelector("#attr-on"), method = form.querySelector("#attr-method"), { feature, version } = form.dataset;
+    const url = (base, ex) => `${base}/${ex}/${feature}${form.dataset.modality === "image" ? ".png" : ""}?method=${method.value}&v=${version}`;
+    const imgs = [...document.querySelectorAll("#top-grid img[data-example]")];
+    imgs.forEach(img => {
+      img.dataset.thumb = img.getAttribute("src");
+      img.addEventListener("error", () => { if (on.checked) { img.classList.add("failed"); img.title = "no attribution: the server refused it"; } });
+    });
+    const texts = [...document.querySelectorAll("#top-grid li[data-example]")];
+    let seq = 0;
+    async function colour(li, mine) {
+      const box = li.querySelector(".attr-tokens") || li.appendChild(el("div", { className: "attr-tokens" }));
+      box.classList.add("busy");
+      try {
+        const r = await fetch(url("/api/attribution", li.dataset.example)), data = await r.json();
+        if (mine !== seq) return;
+        if (!r.ok) return box.replaceChildren(el("span", { className: "error" }, data.detail));
+        const top = Math.max(1e-9, ...data.tokens.map(([, v]) => Math.abs(v)));
+        box.replaceChildren(...data.tokens.map(([t, value], i) => {
+          const v = value ?? 0;  // null: not a finite number
+          const s = el("span", { className: `tok attr ${v < 0 ? "neg" : "pos"}`, title: `${t} ${v.toFixed(4)}` }, (data.text || [])[i] ?? t);
+          s.style.setProperty("--a", (Math.abs(v) / top).toFixed(3));
+          return s;
+        }));
+      } catch (e) {
+        if (mine === seq) box.replaceChildren(el("span", { className: "error" }, `the server did not answer (${e})`));
+      } finally { box.classList.remove("busy"); }
+    }
+    const update = () => {
+      const mine = ++seq;
+      imgs.forEach(img => {
+        img.classList.remove("failed");
+        img.classList.toggle("attribution", on.checked);
+        img.src = on.checked ? url("/attribution", img.dataset.example) : img.dataset.thumb;
+      });
+      texts.forEach(li => {
+        li.classList.toggle("attributed", on.checked);
+        if (on.checked) colour(li, mine);
+      });
+    };
+    on.addEventListener("change", update);
+    method.addEventListener("change", () => { if (on.checked) update(); });
+  }
+
+  return { overview, feature, game, heatmap, steer, editor, attribution };
 })();
