@@ -182,3 +182,52 @@ def test_index_names_nonfinite_rows_of_the_store(image_index, tmp_path, capsys):
     assert main(["index", "--run", str(copy)]) == 2
     err = capsys.readouterr().err
     assert "holds activation rows with NaN or infinity" in err and "shard_000000.safetensors row 7" in err
+
+
+def test_index_stores_each_features_ablation(image_index):
+    run, db = image_index
+    meta = dict(db.execute("SELECT key, value FROM meta"))
+    assert json.loads(meta["ablation"])["readout"] == "classifier"
+    assert json.loads(meta["ablation"])["examples_per_feature"] == 16 and json.loads(meta["ablation"])["seconds"] > 0
+    with_top = {j for (j,) in db.execute("SELECT DISTINCT feature FROM feature_examples WHERE kind = 'top'")}
+    rows = db.execute("SELECT feature, examples, kl, loss_delta, loses, loses_delta, gains, gains_delta "
+                      "FROM ablation").fetchall()
+    assert {r[0] for r in rows} == with_top  # every feature with top examples, and only those
+    names = json.loads(meta["label_names"])
+    for j, n, kl, loss_delta, loses, loses_delta, gains, gains_delta in rows:
+        top = db.execute("SELECT COUNT(*) FROM feature_examples WHERE feature = ? AND kind = 'top'", (j,)).fetchone()
+        assert n == min(5, top[0]) and kl >= 0 and loss_delta is not None  # --top 5: at most 5 examples
+        outputs = dict(db.execute("SELECT name, delta FROM ablation_outputs WHERE feature = ?", (j,)))
+        assert sorted(outputs) == sorted(names) and abs(sum(outputs.values())) < 1e-5  # probabilities sum to 1
+        assert loses is None or (outputs[loses] == loses_delta == min(outputs.values()) and loses_delta < 0)
+        assert gains is None or (outputs[gains] == gains_delta == max(outputs.values()) and gains_delta > 0)
+
+
+def test_no_ablation_leaves_the_tables_empty(image_index, tmp_path, capsys):
+    import shutil
+
+    run, _ = image_index
+    copy = tmp_path / "run"
+    for folder in ("acts", "saes"):
+        shutil.copytree(run / folder, copy / folder)
+    args = ["index", "--run", str(copy), "--top", "5", "--samples", "3", "--per-example", "4"]
+    assert main([*args, "--ablation-examples", "0"]) == 2
+    assert "--ablation-examples must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*args, "--no-ablation"]) == 0
+    db = sqlite3.connect(copy / "index" / "topk" / "index.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM ablation").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM ablation_outputs").fetchone()[0] == 0
+    assert "ablation" not in dict(db.execute("SELECT key, value FROM meta"))
+    assert db.execute("SELECT COUNT(*) FROM features").fetchone()[0] > 0
+
+
+def test_own_ablation_drops_the_top_label_more_than_a_random_active_feature(image_run):
+    """As the slow demo test in tests/analysis/test_ablation.py (which says why log-probabilities), on the
+    fixture's 60-step patch-token SAE: the mean drop over its features."""
+    from tests.analysis.test_ablation import describe, own_vs_random
+
+    result = own_vs_random(image_run, "topk-k8")
+    print(describe(result))
+    own, rand = result["logprob"]
+    assert len(own) >= 50 and result["stored_gap"] < 1e-5
+    assert float(own.mean() - rand.mean()) > 0

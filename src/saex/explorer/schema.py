@@ -29,7 +29,16 @@ CREATE TABLE examples (example INTEGER PRIMARY KEY, id TEXT NOT NULL, label INTE
                        first_row INTEGER NOT NULL, n_rows INTEGER NOT NULL);  -- its rows in the store
 CREATE TABLE example_features (example INTEGER NOT NULL, rank INTEGER NOT NULL, feature INTEGER NOT NULL,
                                value REAL NOT NULL, PRIMARY KEY (example, rank));
+-- each feature zeroed on its top `examples` (analysis/ablation.py); empty with --no-ablation
+CREATE TABLE ablation (feature INTEGER PRIMARY KEY, examples INTEGER,
+                       kl REAL,          -- mean KL(clean || ablated) of the readout, nats (NULL: embeddings)
+                       loss_delta REAL,  -- mean increase of the loss: true label's CE, next-token loss, 1 - cos
+                       loses TEXT, loses_delta REAL,    -- the output whose probability drops most, mean change
+                       gains TEXT, gains_delta REAL);   -- ... and rises most (NULL when none does)
+CREATE TABLE ablation_outputs (feature INTEGER, name TEXT, delta REAL);  -- mean change of each output's
+                                -- probability (every class or prompt; a vocabulary's 10 drops and 10 rises)
 CREATE INDEX feature_examples_by_example ON feature_examples (example);
 CREATE INDEX features_by_density ON features (density);
 CREATE INDEX features_by_label ON features (top_label);
+CREATE INDEX ablation_outputs_by_feature ON ablation_outputs (feature);
 """

@@ -21,7 +21,7 @@ from saex.train.host import tune_allocator
 from saex.train.resume import (TRAIN_CONFIG, checkpoint_path, finished, load_checkpoint, remove_unfinished_saves,
                                run_identity, save_checkpoint)
 from saex.train.guard import Guard
-from saex.train.threads import ThreadTuner
+from saex.threads import ThreadTuner
 from saex.train.trainee import Trainee
 
 INIT_SAMPLE = 1 << 14  # rows used for the input scale and the decoder-bias init

@@ -1,4 +1,4 @@
-"""CPU threads for training steps when other processes share the cores.
+"""CPU threads for repeated steps (training, the index's ablation) when other processes share the cores.
 
 Torch's OpenMP threads split every operation evenly and wait for each other at its end. When another
 busy process takes a core, the thread on that core runs a fraction of the time and the rest wait for
@@ -60,11 +60,15 @@ class ThreadTuner:
         self.recent = (self.recent + [seconds])[-9:]
         self.slow_run = self.slow_run + 1 if self.typical and seconds > SLOWER * self.typical else 0
         if self.slow_run >= PATIENCE or (self.current < self.max and self.clock() - self.last_probe > RETRY_S):
-            self._start_probe()
+            self.probe()
         elif len(self.recent) >= 3:
             self.typical = statistics.median(self.recent)
 
-    def _start_probe(self) -> None:
+    def probe(self) -> None:
+        """Time the next steps at max, max/2, ..., 1 threads and keep the fastest (a pass too short to
+        notice a slowdown calls this first)."""
+        if self.pinned or self.max == 1 or not self.active:
+            return
         counts, n = [], self.max
         while n >= 1:
             counts.append(n)

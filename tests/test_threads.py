@@ -1,7 +1,7 @@
 """The thread tuner against a simulated machine: 4 cores, steps that take 1/threads alone, and far
 longer with more threads than the cores left free while another process is busy."""
 
-from saex.train.threads import RETRY_S, ThreadTuner
+from saex.threads import RETRY_S, ThreadTuner
 
 
 class Machine:
