@@ -11,9 +11,11 @@ and without the ablation pass (on a copy of the run's index folder), with the ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +64,8 @@ def index_times(run: Path) -> dict:
             (copy / part).symlink_to((run / part).resolve())
         for name, ablation in (("without_ablation_s", False), ("with_ablation_s", True)):
             start = time.perf_counter()
-            build_index(IndexConfig(run=str(copy), overwrite=True, ablation=ablation))
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON
+                build_index(IndexConfig(run=str(copy), overwrite=True, ablation=ablation))
             out[name] = round(time.perf_counter() - start, 2)
         shutil.rmtree(copy / "index", ignore_errors=True)
     out["ratio"] = round(out["with_ablation_s"] / out["without_ablation_s"], 2)

@@ -26,7 +26,7 @@ from saex.data import reopen
 from saex.explorer.scan import Scan
 from saex.explorer.schema import SCHEMA
 from saex.explorer.windows import token_windows
-from saex.locks import exclusive
+from saex.locks import exclusive, reading
 from saex.runlog import JsonlLog, progress
 from saex.sae.io import load_sae, saved_saes
 from saex.statefile import load_state, save_state
@@ -74,7 +74,8 @@ def build_index(cfg: IndexConfig) -> Path:
         raise ValueError(f"{run / 'saes'} holds {[f.name for f in folders]}; name one with --sae")
     folder = folders[0]
     out = run / "index" / folder.name
-    with exclusive([run / "locks" / f"index-{folder.name}.lock"], "saex index"):
+    with exclusive([run / "locks" / f"index-{folder.name}.lock"], "saex index"), \
+            reading(run / "locks" / "acts.lock", "saex index"):
         return _build(cfg, run, store, folder, out)
 
 
@@ -94,8 +95,12 @@ def _build(cfg: IndexConfig, run: Path, store: ActivationStore, folder: Path, ou
                 "per_example": cfg.per_example}
     if state_path.exists() and not cfg.overwrite:
         state = load_state(state_path)
-        if state["identity"] == identity:
-            scan.load_state_dict(state["scan"])
+        if isinstance(state, dict) and state.get("identity") == identity:
+            try:
+                scan.load_state_dict(state["scan"])
+            except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+                raise ValueError(f"{state_path} is not a scan this saex wrote ({e!r}); delete it to start over, "
+                                 "or pass --overwrite") from None
     log = JsonlLog(run, "index")
     log.write("start", sae=folder.name, resume_rows=scan.rows)
     bar = progress(len(store), f"index {folder.name}", "rows", initial=scan.rows)
@@ -239,10 +244,6 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan, ablation: Ablati
         thumb = _thumbnail(item.input, thumbs, ex, cfg.thumb_size) if ex in referenced and manifest["modality"] == "image" else None
         text = item.input if manifest["modality"] == "text" else None
         example_rows.append((ex, item.id, label, text, thumb, first, n))
-    kept = {row[4] for row in example_rows}
-    for stale in thumbs.iterdir():  # a killed run's temporaries, and thumbnails of an index built before
-        if stale.name not in kept:
-            stale.unlink()
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?)", example_rows)
     ef = []
     for shard_examples, feats in zip(scan.examples, scan.example_features):
@@ -253,6 +254,10 @@ def _write(out: Path, cfg: IndexConfig, store, sae, hook, scan, ablation: Ablati
     db.commit()
     db.close()
     os.replace(tmp, out / INDEX)
+    kept = {row[4] for row in example_rows}
+    for stale in thumbs.iterdir():  # after the new index is in place: a killed run's temporaries, old thumbnails
+        if stale.name not in kept and stale.is_file():
+            stale.unlink()
 
 
 def _patch_grid(store, examples: torch.Tensor) -> dict | None:
