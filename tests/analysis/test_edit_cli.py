@@ -13,15 +13,12 @@ from saex.analysis.edit import Edit, parse_edits
 from saex.analysis.experiment import Experiment
 from saex.analysis.figures import effect_png
 from saex.cli import main
+from tests.explorer.conftest import build_run
 
 
 def _build(run, model, dataset, tokens, hook, n):
-    """The explorer tests' runs (tests/explorer/conftest.py) without the eval and index that edits need not."""
-    assert main(["harvest", "--run", str(run), "--model", model, "--dataset", dataset, "--tokens", tokens,
-                 "--hook", hook, "--max-examples", str(n), "--batch-size", "50"]) == 0
-    assert main(["train", "--run", str(run), "--sweep", "k=4,8", "--expansion", "2", "--steps", "60",
-                 "--batch-size", "128"]) == 0
-    return Experiment(run, "topk-k8")
+    """The explorer tests' runs without the eval and index that edits need not."""
+    return Experiment(build_run(run, model, dataset, tokens, hook, n, explore=False), "topk-k8")
 
 
 @pytest.fixture(scope="module")

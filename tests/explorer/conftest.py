@@ -7,13 +7,15 @@ import pytest
 from saex.cli import main
 
 
-def build_run(run, model, dataset, tokens, hook, n):
+def build_run(run, model, dataset, tokens, hook, n, explore: bool = True):
+    """A small run: harvest, two TopK SAEs (topk-k4, topk-k8) and, for the explorer, eval and topk-k8's index."""
     assert main(["harvest", "--run", str(run), "--model", model, "--dataset", dataset, "--tokens", tokens,
                  "--hook", hook, "--max-examples", str(n), "--batch-size", "50"]) == 0
     assert main(["train", "--run", str(run), "--sweep", "k=4,8", "--expansion", "2", "--steps", "60",
                  "--batch-size", "128"]) == 0
-    assert main(["eval", "--run", str(run), "--examples", "40", "--batch-size", "20"]) == 0
-    assert main(["index", "--run", str(run), "--sae", "topk-k8", "--top", "16", "--samples", "8"]) == 0
+    if explore:
+        assert main(["eval", "--run", str(run), "--examples", "40", "--batch-size", "20"]) == 0
+        assert main(["index", "--run", str(run), "--sae", "topk-k8", "--top", "16", "--samples", "8"]) == 0
     return run
 
 

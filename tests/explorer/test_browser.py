@@ -74,10 +74,15 @@ def test_overview_scatter_opens_a_feature(browser, site):
     assert not errors, errors
 
 
-def test_feature_page_grid_plots_and_navigation(browser, site, image_run):
+def _full_feature(image_run) -> int:
+    """A feature with a full grid of 16 top examples."""
     db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
-    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
-                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    return db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
+                      "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+
+
+def test_feature_page_grid_plots_and_navigation(browser, site, image_run):
+    j = _full_feature(image_run)
     page, errors = _page(browser)
     page.goto(f"{site}/feature/{j}")
     assert page.locator("#top-grid img").count() == 16
@@ -205,9 +210,7 @@ def test_edit_page_toggles_a_feature_and_the_effect_follows(browser, site, image
 
 
 def test_steer_slider_changes_the_probabilities(browser, site, image_run, tmp_path):
-    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
-    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
-                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    j = _full_feature(image_run)
     page, errors = _page(browser)
     page.goto(f"{site}/feature/{j}")
     page.focus("#alpha")
@@ -227,9 +230,7 @@ def test_steer_slider_changes_the_probabilities(browser, site, image_run, tmp_pa
 
 
 def test_attribution_toggle_swaps_the_top_images_for_overlays(browser, site, image_run):
-    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
-    j = db.execute("SELECT feature FROM feature_examples WHERE kind = 'top' GROUP BY feature "
-                   "HAVING COUNT(*) = 16 LIMIT 1").fetchone()[0]
+    j = _full_feature(image_run)
     page, errors = _page(browser)
     page.goto(f"{site}/feature/{j}")
     srcs = "() => [...document.querySelectorAll('#top-grid img')].map(i => i.getAttribute('src'))"
