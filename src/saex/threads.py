@@ -91,3 +91,15 @@ class ThreadTuner:
         self.current, self.probing, self.last_probe = best, [], self.clock()
         self.set_threads(best)
         self.typical, self.recent, self.slow_run = statistics.median(times), [], 0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 0):
+    """torch on `n` threads inside (0: as it is); the process-wide count comes back after, however it ends."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -78,14 +78,18 @@ def test_add_moves_the_activation_by_exactly_alpha_times_the_decoder_row():
 def test_each_op_changes_what_it_names():
     f = torch.tensor([[0.0, 2.0, 0.0, 1.0], [3.0, 0.0, 0.0, 4.0]])
     pos = torch.tensor([1, 2])
-    src = {"b": torch.tensor([0.0, 5.0, 6.0, 0.0]), "a1": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    src = {"b": torch.tensor([0.0, 5.0, 6.0, 0.0]), "a1": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+           "tb": torch.tensor([[7.0, 0.0, 0.0, 0.0], [0.0, 0.0, 8.0, 0.0]])}
     cases = {
         "clamp": ([Edit("clamp", [2], 9.0)], [[0, 2, 9, 1], [3, 0, 9, 4]]),
         "scale": ([Edit("scale", [3], 0.5)], [[0, 2, 0, 0.5], [3, 0, 0, 2]]),
         "zero": ([Edit("zero", [0, 3])], [[0, 2, 0, 0], [0, 0, 0, 0]]),
         "add at position 2": ([Edit("add", [1], 1.0, positions=[2])], [[0, 2, 0, 1], [3, 1, 0, 4]]),
-        # copy: the features b has and the input lacks (2: feature 1 is active in the input already)
-        "copy": ([Edit("copy", source="b")], [[0, 2, 6, 1], [3, 0, 6, 4]]),
+        # copy: what b has where the input lacks it (token 1 has feature 1 already, token 2 lacks it)
+        "copy": ([Edit("copy", source="b")], [[0, 2, 6, 1], [3, 5, 6, 4]]),
+        "copy named": ([Edit("copy", [1], source="b")], [[0, 5, 0, 1], [3, 5, 0, 4]]),
+        # a source with as many tokens as the input is copied token by token
+        "copy per token": ([Edit("copy", source="tb")], [[7, 2, 0, 1], [3, 0, 8, 4]]),
         "pair": ([Edit("pair", source="a1", target="b")], [[-1, 6, 6, 1], [2, 4, 6, 4]]),
         "stacked": ([Edit("zero", [1]), Edit("clamp", [1], 7.0, positions=[1])], [[0, 7, 0, 1], [3, 0, 0, 4]]),
     }
@@ -111,5 +115,30 @@ def test_edit_files_round_trip_and_bad_edits_are_named(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
         load_edits(tmp_path / "broken.json", 16)
-    with pytest.raises(ValueError, match=r"positions \[9\] hold none of the selected tokens"):
-        edit_code(torch.zeros(1, 4), torch.tensor([0]), [Edit("zero", [1], positions=[9])])
+    for positions in ([9], [0, 9]):  # every named position must be a selected token
+        with pytest.raises(ValueError, match=r"positions \[9\] hold none of the selected tokens"):
+            edit_code(torch.zeros(1, 4), torch.tensor([0]), [Edit("zero", [1], positions=positions)])
+    for bad in ("1", [], [-1], [True]):
+        with pytest.raises(ValueError, match="must be a non-empty list of token positions"):
+            parse_edits([{"op": "zero", "features": [1], "positions": bad}], 16)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        parse_edits(json.loads('[{"op": "add", "features": [1], "value": Infinity}]'), 16)
+
+
+def test_nearest_examples_ranks_examples_by_their_best_row(tmp_path):
+    from saex.analysis.retrieval import nearest_examples
+    from saex.store import ActivationStore, StoreWriter
+
+    # example 0 holds five rows near the query, examples 1..3 one row each, less near; chunks split them
+    q = torch.tensor([1.0, 0.0, 0.0])
+    rows = torch.tensor([[1, 0.01 * i, 0] for i in range(5)] + [[1, 0.5, 0], [1, 0.8, 0], [0, 1, 0]])
+    examples = torch.tensor([0, 0, 0, 0, 0, 1, 2, 3])
+    w = StoreWriter(tmp_path, {"model": "m"}, shard_rows=4)
+    for lo in range(0, 8, 2):
+        w.add({"acts.h": rows[lo:lo + 2].to(torch.bfloat16), "example": examples[lo:lo + 2]}, ["x"])
+    w.finish()
+    store = ActivationStore(tmp_path)
+    got = nearest_examples(store, "acts.h", q[None], k=3, chunk=3)[0]
+    assert [g["example"] for g in got] == [0, 1, 2]  # one entry per example, the best row's cosine
+    assert got[0]["cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert [g["example"] for g in nearest_examples(store, "acts.h", q[None], k=3, exclude={0}, chunk=3)[0]] == [1, 2, 3]

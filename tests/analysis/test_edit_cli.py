@@ -207,3 +207,11 @@ def test_attribute_writes_what_the_attribution_api_returns(image_exp, tmp_path, 
     assert "completeness: attributions sum to" in capsys.readouterr().out
     assert main(args[:-2] + ["--feature", str(image_exp.d_sae), "--out", str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_the_commands_method_names_are_the_attribution_modules():
+    from saex.analysis import attribution
+    from saex.analysis.attribute_command import METHODS
+
+    assert METHODS == attribution.METHODS
+

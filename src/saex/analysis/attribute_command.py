@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-METHODS = ("integrated-gradients", "gradient-x-input", "occlusion")
+METHODS = ("integrated-gradients", "gradient-x-input", "occlusion")  # attribution.METHODS, without importing torch
 
 
 @dataclass
@@ -45,26 +45,19 @@ def run_attribute(cfg: AttributeConfig) -> dict:
     from saex.analysis.experiment import Experiment
     from saex.atomic import atomic_write_bytes, atomic_write_json
 
+    from saex.threads import torch_threads
+
     if cfg.threads < 0:
         raise ValueError(f"--threads {cfg.threads}: must be 0 or more")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
+    with torch_threads(cfg.threads):
         exp = Experiment(cfg.run, cfg.sae, device)
         inp, _ = exp.input_of(cfg.example)
         batch = exp.adapter.prepare([inp], exp.context)
-        args = (exp.adapter, exp.sae, exp.point, exp.tokens, cfg.feature, batch, cfg.positions or None)
-        if cfg.method == "integrated-gradients":
-            result = attribution.integrated_gradients(*args, steps=cfg.steps)
-        elif cfg.method == "gradient-x-input":
-            result = attribution.gradient_x_input(*args)
-        else:
-            result = attribution.occlusion(*args, window=cfg.window, stride=cfg.window)
+        result = attribution.compute(cfg.method, exp.adapter, exp.sae, exp.point, exp.tokens, cfg.feature, batch,
+                                     cfg.positions or None, steps=cfg.steps, window=cfg.window)
         png = (attribution.overlay_png(attribution.model_image(exp.adapter, batch), result.values)
                if exp.adapter.modality == "image" else None)
-    finally:
-        torch.set_num_threads(threads)
     out = result.to_json() | {"example": cfg.example, "sae": exp.sae_name, "hook": exp.hook}
     folder = Path(cfg.out) if cfg.out else (exp.run / "experiments" / exp.sae_name /
                                             f"{Path(cfg.example).name}-attribute-{cfg.feature}-{cfg.method}")

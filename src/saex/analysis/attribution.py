@@ -272,3 +272,18 @@ def overlay_png(image, values_HW: torch.Tensor, path: str | Path | None = None, 
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+METHODS = ("integrated-gradients", "gradient-x-input", "occlusion")
+
+
+def compute(method: str, adapter: ModelAdapter, sae, point: str | HookPoint, tokens: str, feature: int, batch: Batch,
+            positions: list[int] | None = None, steps: int = 64, window: int | None = None) -> Attribution:
+    """The attribution by one of METHODS' names (those of `saex attribute --method` and the explorer)."""
+    if method == "integrated-gradients":
+        return integrated_gradients(adapter, sae, point, tokens, feature, batch, positions, steps=steps)
+    if method == "gradient-x-input":
+        return gradient_x_input(adapter, sae, point, tokens, feature, batch, positions)
+    if method == "occlusion":
+        return occlusion(adapter, sae, point, tokens, feature, batch, positions, window=window, stride=window)
+    raise ValueError(f"unknown attribution method {method!r}; valid: {', '.join(METHODS)}")

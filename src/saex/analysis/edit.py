@@ -14,15 +14,17 @@ Edits act on the dense code [T, S] of one example's selected tokens, in order:
 | scale | features, value | f[t, j] *= value |
 | add | features, value | f[t, j] += value (x moves by value * W_dec[j]) |
 | zero | features | f[t, j] = 0 (ablation) |
-| copy | source, features (empty: those the source has and the input lacks) | f[t, j] = source's f[j] |
-| pair | source, target, features (empty: all) | f[t, :] += target's f - source's f |
+| copy | source, features (empty: those the source has where the input lacks them) | f[t, j] = source's f[t, j] |
+| pair | source, target, features (empty: all) | f[t, :] += target's f[t] - source's f[t] |
 
-A source is another example; its code is the mean over its selected tokens. `positions` (token
+A source is another example; token by token when it has as many selected tokens as the input (the
+patches of two images), else its mean over its selected tokens. `positions` (token
 positions, e.g. patches) limits an edit to those tokens; by default it applies to every selected one."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,8 +61,12 @@ class Edit:
         if self.op in ("copy", "pair") and self.source is None or self.op == "pair" and self.target is None:
             raise ValueError(f"{self.op} needs " + ("source and target examples" if self.op == "pair" else
                                                      "a source example"))
-        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or self.value != self.value:
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or not math.isfinite(self.value):
             raise ValueError(f"{self.op}: value {self.value!r} must be a finite number")
+        if self.positions is not None and (not isinstance(self.positions, list) or not self.positions or not all(
+                isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in self.positions)):
+            raise ValueError(f"{self.op}: positions {self.positions!r} must be a non-empty list of token positions "
+                             "(integers >= 0), or absent for every selected token")
         return self
 
     def examples(self) -> list[str]:
@@ -113,10 +119,12 @@ def edit_code(f_TS: torch.Tensor, positions_T: torch.Tensor, edits: list[Edit],
     sources = sources or {}
     for e in edits:
         rows = slice(None) if e.positions is None else torch.isin(positions_T, torch.tensor(e.positions))
-        if e.positions is not None and not bool(rows.any()):
-            raise ValueError(f"{e.op}: positions {e.positions} hold none of the selected tokens "
-                             f"{positions_T.tolist()}")
-        cols = torch.tensor(e.features, dtype=torch.long)
+        if e.positions is not None:
+            outside = sorted(set(e.positions) - set(positions_T.tolist()))
+            if outside:
+                raise ValueError(f"{e.op}: positions {outside} hold none of the selected tokens "
+                                 f"{_span(positions_T.tolist())}")
+        cols = torch.tensor(e.features, dtype=torch.long, device=out.device)
         block = out[rows]
         if e.op == "clamp":
             block[:, cols] = e.value
@@ -127,21 +135,34 @@ def edit_code(f_TS: torch.Tensor, positions_T: torch.Tensor, edits: list[Edit],
         elif e.op == "zero":
             block[:, cols] = 0
         elif e.op == "copy":
-            src = _source(sources, e.source)
-            if not len(cols):
-                cols = ((src > 0) & (f_TS.amax(0) <= 0)).nonzero().flatten()
-            block[:, cols] = src[cols]
+            src = _source(sources, e.source, len(out))[rows]
+            if len(cols):
+                block[:, cols] = src[:, cols]
+            else:  # what the source has where this token lacks it
+                block = torch.where((src > 0) & (block <= 0), src, block)
         else:  # pair
-            delta = _source(sources, e.target) - _source(sources, e.source)
-            block += delta if not len(cols) else torch.zeros_like(delta).index_copy(0, cols, delta[cols])
+            delta = _source(sources, e.target, len(out))[rows] - _source(sources, e.source, len(out))[rows]
+            if len(cols):
+                block[:, cols] += delta[:, cols]
+            else:
+                block += delta
         out[rows] = block
     return out
 
 
-def _source(sources: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _span(positions: list[int]) -> str:
+    return f"{positions}" if len(positions) <= 8 else f"{positions[:3]} ... {positions[-3:]}"
+
+
+def _source(sources: dict[str, torch.Tensor], name: str, T: int) -> torch.Tensor:
+    """Another example's code as [T, S]: token by token when it has as many selected tokens as the input
+    (images of one model always do), else its mean over its tokens."""
     if name not in sources:
         raise ValueError(f"no code for example {name!r}; known: {sorted(sources)}")
-    return sources[name]
+    code = sources[name]
+    if code.dim() == 2 and code.shape[0] == T:
+        return code
+    return (code.mean(0) if code.dim() == 2 else code).expand(T, -1)
 
 
 def splice_edit(sae, mask_BT: torch.Tensor, positions_BT: torch.Tensor, edits: list[Edit] | list[list[Edit]],

@@ -127,14 +127,14 @@ def run_edit(cfg: EditConfig) -> dict:
     """Parse, load, edit, report, write: every check comes before the first file is written."""
     import torch
 
+    from saex.threads import torch_threads
+
     inline = inline_edits(cfg)
     if cfg.neighbours < 0 or cfg.threads < 0:
         bad = "neighbours" if cfg.neighbours < 0 else "threads"
         raise ValueError(f"--{bad} {getattr(cfg, bad)}: must be 0 or more")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
+    with torch_threads(cfg.threads):
         exp, edits = load(cfg, inline, device)
         result = exp.effect(cfg.example, edits, cfg.neighbours)
         about = {n["example"]: _describe(exp, n["example"]) for side in result.get("neighbours", {}).values()
@@ -142,8 +142,6 @@ def run_edit(cfg: EditConfig) -> dict:
         png = effect_png(result, *_pictures(exp, cfg.example, result, about),
                          title="; ".join(describe_edit(e) for e in edits) or "no edit")
         text = exp.input_of(cfg.example)[0] if exp.adapter.modality == "text" else None
-    finally:
-        torch.set_num_threads(threads)  # process-wide: a caller in the same process gets its own back
     folder = Path(cfg.out) if cfg.out else out_folder(exp.run, exp.sae_name, cfg.example, edits)
     written = _write(folder, result, edits, png, cfg.save_edits)
     print(report(result, edits, about, written, text))
@@ -229,7 +227,7 @@ def report(result: dict, edits: list[Edit], about: dict[int, str], written: list
         lines.append(f"text: {words[:100]}{'...' if len(words) > 100 else ''}")
     lines.append("edits: " + ("; ".join(describe_edit(e) for e in edits) or "none (the clean run)"))
     changed = result["features_changed"]
-    lines += ["", f"latents changed: {len(changed)} (mean over the tokens; the largest changes first)",
+    lines += ["", f"latents changed: {result['n_features_changed']} (mean over the tokens; the largest changes first)",
               "  latent    before     after"]
     biggest = sorted(changed, key=lambda c: -abs(c["after"] - c["before"]))[:12]
     lines += [f"  {c['feature']:>6d}  {c['before']:8.3f}  {c['after']:8.3f}" for c in biggest]
@@ -268,13 +266,13 @@ def _effect_lines(effect: dict) -> list[str]:
         else:
             rows = (effect["gained"][:5] + effect["lost"][:5])
         lines += ["", f"{'class' if effect.get('probs') else 'token':24s}    clean   edited    delta"]
-        f = ".1e" if max(max(r["clean"], r["edited"]) for r in rows) < 0.01 else ".3f"  # a large vocabulary's
+        f = ".1e" if max((max(r["clean"], r["edited"]) for r in rows), default=1) < 0.01 else ".3f"  # a vocabulary's
         lines += [f"  {_cell(r['name'], 22)}  {r['clean']:8{f}} {r['edited']:8{f}} {r['edited'] - r['clean']:+8{f}}"
                   for r in rows]
         lines.append(f"top {effect['top_clean']!r} -> {effect['top_edited']!r}; KL(clean || edited) "
                      f"{effect['kl']:.4f} nats")
     if "embedding_cosine" in effect:
-        lines += ["" if not lines else "", f"embedding cosine (clean, edited) {effect['embedding_cosine']:.4f}"]
+        lines += ["", f"embedding cosine (clean, edited) {effect['embedding_cosine']:.4f}"]
     return lines
 
 

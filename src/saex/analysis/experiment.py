@@ -4,7 +4,7 @@ The CLI (`saex edit`), the index's ablation pass and the explorer's edit page al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from saex.models.heads import head_kind, prompt_features, readout
 from saex.sae.io import load_sae, saved_saes
 from saex.store import ActivationStore
 
+MAX_LISTED = 50  # changed latents listed in an effect (the largest changes; n_features_changed counts all)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -80,7 +81,7 @@ class Experiment:
         """(input, label) of a dataset example (its index) or of a file (an image, or a .txt's text)."""
         text = str(ref)
         path = Path(text)
-        if path.suffix.lower() in IMAGE_SUFFIXES | {".txt"} or path.exists():
+        if not text.isdigit() and (path.suffix.lower() in IMAGE_SUFFIXES | {".txt"} or path.exists()):
             if not path.is_file():
                 raise FileNotFoundError(f"input file {path} does not exist")
             if self.adapter.modality == "image":
@@ -113,8 +114,8 @@ class Experiment:
         return Hooked(str(ref), label, batch, mask, mask[0].nonzero().flatten(), x, self.sae.encode(x).dense())
 
     def source_codes(self, edits: list[Edit]) -> dict[str, torch.Tensor]:
-        """The codes [S] (mean over selected tokens) of the examples that copy and pair edits read."""
-        return {ref: self.hooked(ref).f_TS.mean(0) for e in edits for ref in e.examples()}
+        """The codes [T, S] of the examples that copy and pair edits read."""
+        return {ref: self.hooked(ref).f_TS for e in edits for ref in e.examples()}
 
     @torch.no_grad()
     def forward(self, h: Hooked, edits: list[Edit] | None, sources: dict | None = None) -> dict:
@@ -131,11 +132,14 @@ class Experiment:
         h = self.hooked(ref)
         sources = self.source_codes(edits)
         f2 = edit_code(h.f_TS, h.positions_T, edits, sources)
-        changed = (f2 != h.f_TS).any(0).nonzero().flatten().tolist()
+        moved_S = (f2 - h.f_TS).mean(0).abs()
+        changed = (f2 != h.f_TS).any(0).nonzero().flatten()
+        changed = changed[moved_S[changed].argsort(descending=True, stable=True)].tolist()  # largest change first
         out = {"example": h.ref, "label": self.label_names[h.label] if 0 <= h.label < len(self.label_names) else None,
                "sae": self.sae_name, "hook": self.hook, "tokens": self.tokens, "readout": self.kind,
+               "n_features_changed": len(changed),
                "features_changed": [{"feature": j, "before": float(h.f_TS[:, j].mean()),
-                                     "after": float(f2[:, j].mean())} for j in changed[:50]],
+                                     "after": float(f2[:, j].mean())} for j in changed[:MAX_LISTED]],
                "active_before": _active(h.f_TS), "active_after": _active(f2)}
         if self.kind:
             out["effect"] = compare(self.forward(h, None), self.forward(h, edits, sources), self.names())
@@ -155,14 +159,21 @@ class Experiment:
         from saex.models.adapter import Batch
 
         tok = self.adapter.processor
-        ids = h.batch.inputs["input_ids"][:, : int(h.batch.inputs["attention_mask"].sum())]
+        length = int(h.batch.inputs["attention_mask"].sum())
+        ids, special = h.batch.inputs["input_ids"][:, :length], h.batch.special_BT[:, :length]
+        drop = 0
         if self.adapter.max_tokens:  # room for the new tokens within the model's positions: keep the prompt's end
             n = min(n, self.adapter.max_tokens - 1)
-            ids = ids[:, max(0, ids.shape[1] + n - self.adapter.max_tokens):]
+            drop = max(0, ids.shape[1] + n - self.adapter.max_tokens)
+            ids, special = ids[:, drop:], special[:, drop:]
+        if drop and edits and any(e.positions is not None for e in edits):
+            edits = [replace(e, positions=[p - drop for p in e.positions]) if e.positions is not None else e
+                     for e in edits]  # the same tokens, at their positions in the trimmed prompt
         new = []
         for _ in range(n):
             ones = torch.ones_like(ids)
-            batch = Batch({"input_ids": ids, "attention_mask": ones}, ones, torch.zeros_like(ids), ids)
+            special = torch.cat([special, torch.zeros_like(ids[:, special.shape[1]:])], 1)  # new tokens: content
+            batch = Batch({"input_ids": ids, "attention_mask": ones}, ones, special, ids)
             mask = self.adapter.select(batch, ids.shape[1], self.tokens)
             step = Hooked(h.ref, h.label, batch, mask, mask[0].nonzero().flatten(), h.x_TD, h.f_TS)
             logits = self.forward(step, edits, sources)["logits"]

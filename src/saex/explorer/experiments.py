@@ -106,19 +106,19 @@ class Lab:
                 self.effects.move_to_end(key)
                 return self.effects[key]
             experiment = self._experiment()
-            import torch
+            from saex.threads import torch_threads
 
             # One example is milliseconds of work (fmnist-vit: 16 patches), and torch's threads wait for each other
             # at the end of every operation: on 2 cores shared with busy processes an effect took 0.03-1.6 s on
             # 2 threads against 0.01-0.04 s on 1. So it runs on one; the process's count comes back after.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
             try:
-                out = finite(experiment.effect(str(example), edits, neighbours))
+                with torch_threads(1):
+                    out = finite(experiment.effect(str(example), edits, neighbours))
             except ValueError as e:  # e.g. positions that hold none of the selected tokens
                 raise HTTPException(400, str(e)) from None
-            finally:
-                torch.set_num_threads(threads)
+            except OSError as e:  # the dataset's files moved or went away since the index was built
+                raise HTTPException(503, f"example {example} could not be read: {type(e).__name__}: "
+                                         f"{e}".replace(str(self.run), self.run.name)) from None
             self.effects[key] = out
             while len(self.effects) > self.keep:
                 self.effects.popitem(last=False)
@@ -131,22 +131,15 @@ class Lab:
             if self.cached(path):  # made by a request that held the lock while this one waited
                 return path.read_bytes()
             experiment = self._experiment()
-            import torch
-
             from saex.analysis import attribution as attr
+            from saex.threads import torch_threads
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as for effects: tens of small operations, each slower on 2 threads
             try:
                 inp, _ = experiment.input_of(str(example))
                 batch = experiment.adapter.prepare([inp], experiment.context)
-                args = (experiment.adapter, experiment.sae, experiment.point, experiment.tokens, feature, batch, None)
-                if method == "integrated-gradients":
-                    result = attr.integrated_gradients(*args, steps=IG_STEPS)
-                elif method == "gradient-x-input":
-                    result = attr.gradient_x_input(*args)
-                else:
-                    result = attr.occlusion(*args)
+                with torch_threads(1):  # as for effects: tens of small operations, each slower on 2 threads
+                    result = attr.compute(method, experiment.adapter, experiment.sae, experiment.point,
+                                          experiment.tokens, feature, batch, steps=IG_STEPS)
                 if experiment.adapter.modality == "image":
                     data = attr.overlay_png(attr.model_image(experiment.adapter, batch), result.values, colorbar=False)
                 else:
@@ -163,8 +156,6 @@ class Lab:
             except OSError as e:  # the dataset's files, moved since the index was built
                 raise HTTPException(503, f"example {example} could not be read: {type(e).__name__}: "
                                          f"{e}".replace(str(self.run), self.run.name)) from None
-            finally:
-                torch.set_num_threads(threads)
             self.attributions_computed += 1
             from saex.atomic import atomic_write_bytes
 
