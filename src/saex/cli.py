@@ -53,6 +53,12 @@ def _harvest_cmd():
     return HarvestConfig, harvest
 
 
+def _toy_cmd():
+    from saex.toy import ToyConfig, toy
+
+    return ToyConfig, toy
+
+
 def _train_cmd():
     from saex.train import TrainConfig, train
 
@@ -98,6 +104,8 @@ def _demo_cmd():
 # name -> (help, loader of (config class, function)); loaders import a stage only when it is used
 COMMANDS = {
     "harvest": ("Capture a model's activations over a dataset into RUN/acts/.", _harvest_cmd),
+    "toy": ("Write synthetic activations with known true features into RUN/acts/ (a toy model: power-law "
+            "frequencies, correlation, hierarchy, superposition, noise).", _toy_cmd),
     "train": ("Train sparse autoencoders on a run's activations into RUN/saes/<name>/.", _train_cmd),
     "eval": ("Evaluate trained SAEs: reconstruction, sparsity, spliced downstream loss.", _eval_cmd),
     "index": ("Build the feature index (top examples, densities, labels, alignment) into RUN/index/<sae>/.",

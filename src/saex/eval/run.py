@@ -18,6 +18,7 @@ from saex.eval.splice import SpliceStats
 from saex.models import load_model
 from saex.models.heads import head_kind, head_output, prompt_features
 from saex.runlog import JsonlLog, progress
+from saex.sae.code import Code
 from saex.sae.io import load_sae, saved_saes
 from saex.store import load_manifest
 
@@ -67,6 +68,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     folders = saved_saes(run / "saes", cfg.sae)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     saes = {f.name: load_sae(f, device) for f in folders}
+    if "toy" in manifest:  # a toy store: no model, fresh rows from the toy, and ground-truth metrics
+        return _finish(run, cfg, folders, _evaluate_toy(run, manifest, cfg, saes, folders))
     adapter = load_model(manifest["model"], device)
     points = {name: adapter.hook(sae.metadata.get("hook") or manifest["hooks"][0]) for name, sae in saes.items()}
     dataset, indices = _held_out(manifest, cfg)
@@ -112,15 +115,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
                                 batch.inputs.get("attention_mask"))  # on the model's device, like the logits
     bar.close()
 
-    results = {}
-    for name, folder in zip(saes, folders):
+    metrics = {}
+    for name in saes:
         m = {"sae": name, "architecture": saes[name].cfg.architecture, "hook": points[name].name,
              "d_sae": saes[name].d_sae, "examples": len(indices), **recon[name].result()}
         if kind:
             m["downstream"] = splice[name].result()
+        metrics[name] = m
+    return _finish(run, cfg, folders, metrics)
+
+
+PER_SAE_ONLY = ("density", "gt_absorption_pairs")  # kept out of RUN/eval/metrics.json
+
+
+def _finish(run: Path, cfg: EvalConfig, folders: list[Path], metrics: dict[str, dict]) -> dict[str, dict]:
+    """Write each SAE's metrics.json and plots, the run's eval/metrics.json, config, pareto plot and log."""
+    results = {}
+    for folder in folders:
+        m = metrics[folder.name]
         atomic_write_json(folder / "metrics.json", m)
         density_plot(m, folder / "density")
-        results[name] = {k: v for k, v in m.items() if k != "density"}
+        results[folder.name] = {k: v for k, v in m.items() if k not in PER_SAE_ONLY}
     atomic_write_json(run / "eval" / "metrics.json", results)
     configs.save(cfg, run / "eval" / "config.json")
     if len(results) > 1:
@@ -130,10 +145,58 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     return results
 
 
+TOY_EVAL_SEED = 10**6  # held-out toy rows use the store's seed + this, so they are never training rows
+
+
+@torch.no_grad()
+def _evaluate_toy(run: Path, manifest: dict, cfg: EvalConfig, saes: dict, folders: list[Path]) -> dict[str, dict]:
+    """Each SAE on cfg.examples fresh rows of the store's toy model: reconstruction metrics, the gt_*
+    ground-truth metrics (saex.analysis.ground_truth) and its ground_truth.png heat map."""
+    from saex.analysis.ground_truth import ground_truth_metrics, heat_map_png
+    from saex.toy import load_toy
+
+    model, toy_cfg = load_toy(run / "acts")
+    seed = TOY_EVAL_SEED + int(getattr(toy_cfg, "seed", manifest.get("seed", 0)) or 0)
+    x_ND, indices_NK, values_NK = model.sample(cfg.examples, torch.Generator().manual_seed(seed))
+    x_ND = x_ND.float()
+    step = max(cfg.batch_size, 1024)
+    metrics = {}
+    for (name, sae), folder in zip(saes.items(), folders):
+        device = sae.W_dec.device
+        recon = ReconstructionStats(sae.d_sae)
+        codes, x_hats = [], []
+        for start in range(0, len(x_ND), step):
+            x = x_ND[start:start + step].to(device)
+            code = sae.encode(x)
+            x_hat = sae.decode(code)
+            recon.update(x, x_hat, code.dense())
+            codes.append(code)
+            x_hats.append(x_hat.cpu())
+        W_dec = sae.W_dec.detach().cpu()
+        m = {"sae": name, "architecture": sae.cfg.architecture,
+             "hook": sae.metadata.get("hook") or manifest["hooks"][0], "d_sae": sae.d_sae,
+             "examples": len(x_ND), **recon.result(),
+             **ground_truth_metrics(W_dec, _joined(codes, sae.d_sae), model.features_FD, indices_NK, values_NK,
+                                    model.parent_F, x_ND, torch.cat(x_hats))}
+        heat_map_png(W_dec, model.features_FD, model.parent_F, folder / "ground_truth.png",
+                     title=f"{name}: cosine with the true features (MCC {m['gt_mcc']:.3f})")
+        metrics[name] = m
+    return metrics
+
+
+def _joined(codes: list, d_sae: int) -> Code:
+    """One Code of the batches' codes, padded to the widest (value 0, index 0: never fires)."""
+    K = max(c.values_BK.shape[-1] for c in codes)
+    pad = lambda t, v: torch.nn.functional.pad(t.detach().cpu(), (0, K - t.shape[-1]), value=v)  # noqa: E731
+    return Code(torch.cat([pad(c.values_BK, 0.0) for c in codes]), torch.cat([pad(c.indices_BK, 0) for c in codes]),
+                d_sae)
+
+
 def _print_table(results: dict[str, dict]) -> None:
     print(f"{'sae':28s} {'L0':>8s} {'FVU':>7s} {'cos':>6s} {'dead%':>6s} {'loss rec.':>9s} {'KL':>8s}")
     for name, m in results.items():
         d = m.get("downstream", {})
         print(f"{name:28s} {m['l0']:8.1f} {m['fvu']:7.4f} {m['cosine']:6.3f} {100 * m['dead_frac']:6.1f} "
-              f"{d.get('loss_recovered', float('nan')):9.3f} {d.get('kl', float('nan')):8.4f}")
+              f"{d.get('loss_recovered', float('nan')):9.3f} {d.get('kl', float('nan')):8.4f}"
+              + (f"  MCC {m['gt_mcc']:.3f}" if "gt_mcc" in m else ""))
     print(json.dumps({n: {"l0": round(m["l0"], 2), "fvu": round(m["fvu"], 4)} for n, m in results.items()}))
