@@ -5,8 +5,7 @@ saex.sae.code.Code), the true features [F, d], the true codes of the same rows (
 pads; values_NK), parent_F int64 [F] (-1 for a root), the rows x [N, d] and their reconstruction x_hat.
 
 Names (metrics.json), with cos(s, f) the cosine of decoder row s and true feature f:
-  gt_matching             "hungarian" (scipy.optimize.linear_sum_assignment) or "greedy" (without scipy:
-                          pairs taken in decreasing |cos|, each latent and feature once; a lower bound)
+  gt_matching             "hungarian" (scipy.optimize.linear_sum_assignment), how latents were matched
   gt_mcc                  mean over the F true features of |cos(match(f), f)|, one-to-one matching that
                           maximises the sum of |cos|; a feature left unmatched (S < F) counts 0
   gt_mmcs                 mean over true features of max_s |cos(s, f)| (no matching: latents may repeat)
@@ -52,22 +51,11 @@ def cosines(W_dec_SD: torch.Tensor, features_FD: torch.Tensor) -> torch.Tensor:
 
 def match(cos_SF: torch.Tensor) -> tuple[np.ndarray, str]:
     """(latent_F, method): the latent matched to each true feature (-1: none), one-to-one, maximising
-    the sum of |cos|; method is "hungarian" with scipy, else "greedy"."""
+    the sum of |cos| (the Hungarian algorithm)."""
+    from scipy.optimize import linear_sum_assignment
+
     a = cos_SF.abs().numpy()
-    S, F = a.shape
-    latent_F = np.full(F, -1, dtype=np.int64)
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:
-        used_S, used_F = np.zeros(S, bool), np.zeros(F, bool)
-        for flat in np.argsort(-a, axis=None, kind="stable"):
-            s, f = divmod(int(flat), F)
-            if not used_S[s] and not used_F[f]:
-                used_S[s] = used_F[f] = True
-                latent_F[f] = s
-                if used_F.all() or used_S.all():
-                    break
-        return latent_F, "greedy"
+    latent_F = np.full(a.shape[1], -1, dtype=np.int64)
     rows, cols = linear_sum_assignment(-a)
     latent_F[cols] = rows
     return latent_F, "hungarian"
