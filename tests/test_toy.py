@@ -155,3 +155,21 @@ def test_saex_toy_then_train(tmp_path, capsys):
     assert any((tmp_path / "saes").iterdir())
     assert main(["toy", "--run", run, "--noise", "-1"]) == 2
     assert "noise must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_a_toy_run_indexes_and_explores_without_a_model(tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from saex.explorer.app import create_app
+
+    run = str(tmp_path)
+    assert main(["toy", "--run", run, "--n-features", "32", "--d", "8", "--rows", "4096", "--l0", "3"]) == 0
+    assert main(["train", "--run", run, "--architecture", "topk", "--k", "3", "--d-sae", "32", "--steps", "20",
+                 "--batch-size", "256"]) == 0
+    assert main(["index", "--run", run, "--top", "8", "--samples", "4"]) == 0
+    assert "ablation skipped: a toy store has no model" in capsys.readouterr().err
+    client = TestClient(create_app(run), raise_server_exceptions=False)
+    feature = next(j for j in range(32) if client.get(f"/api/feature/{j}").json()["density"] > 0)
+    assert client.get(f"/feature/{feature}").status_code == 200 and client.get("/example/5").status_code == 200
+    edit = client.get("/api/edit?example=5&edits=[]")  # experiments need a model: said at once, no hub request
+    assert edit.status_code == 503 and "toy store" in edit.json()["detail"]

@@ -37,6 +37,8 @@ class Experiment:
     def __init__(self, run: str | Path, sae: str | None = None, device: str = "cpu"):
         self.run = Path(run)
         self.store = ActivationStore(self.run / "acts")
+        if self.store.manifest.get("modality") == "toy":
+            raise ValueError(f"{self.run} is a toy store (saex toy): experiments run a model, and it has none")
         folders = saved_saes(self.run / "saes", [sae] if sae else None)
         if len(folders) != 1:
             raise ValueError(f"{self.run / 'saes'} holds {[f.name for f in folders]}; name one with --sae")

@@ -73,6 +73,10 @@ def reopen(description: dict) -> Dataset:
         from saex.data.textfiles import TextFile
 
         return TextFile(path, description.get("text_field", "text"), description.get("label_field"))
+    if kind == "toy":
+        from saex.data.synthetic import SyntheticRows
+
+        return SyntheticRows(description.get("rows"))
     if kind == "hf":
         from saex.data.hf import HFDataset
 

@@ -148,8 +148,10 @@ def _feature_table(store, sae, hook, scan) -> tuple[list[tuple], list[tuple], di
     enc_dec = torch.nn.functional.cosine_similarity(sae.W_enc.T, sae.W_dec, dim=1).detach()
     meta = {}
     align = None
-    layer = int(hook.split(".")[1]) - (1 if hook.endswith("hook_resid_pre") else 0)
-    if layer >= 0:
+    parts = hook.split(".")  # blocks.L.site; a toy store's hook names no layer of a model
+    layer = int(parts[1]) - (1 if hook.endswith("hook_resid_pre") else 0) if len(parts) == 3 and parts[1].isdigit() \
+        else -1
+    if layer >= 0 and manifest.get("modality") != "toy":
         try:
             from saex.models import load_model
 
@@ -177,6 +179,9 @@ def _ablation(cfg: IndexConfig, store, sae, hook: str, scan: Scan, device: str) 
     from saex.models import load_model
 
     manifest = store.manifest
+    if manifest.get("modality") == "toy":
+        print("ablation skipped: a toy store has no model to read the effect through", file=sys.stderr)
+        return None
     try:
         adapter = load_model(manifest["model"], device)
     except (ValueError, OSError) as e:  # as the neuron alignment: an index without the model is still an index
