@@ -16,7 +16,11 @@ from tests.tiny_models import TINY_FAMILIES, save_tiny  # noqa: E402
 def tiny_model_dir(tmp_path_factory):
     """family name -> folder holding a tiny randomly initialised model of that family."""
     root = tmp_path_factory.mktemp("tiny_models")
-    return {name: save_tiny(name, root / name) for name in TINY_FAMILIES}
+    folders = {}
+    for i, name in enumerate(TINY_FAMILIES):  # seeded here: a session fixture is built before any test's seed
+        torch.manual_seed(1000 + i)
+        folders[name] = save_tiny(name, root / name)
+    return folders
 
 
 @pytest.fixture(autouse=True)
