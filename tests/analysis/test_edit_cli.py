@@ -13,7 +13,7 @@ from saex.analysis.edit import Edit, parse_edits
 from saex.analysis.experiment import Experiment
 from saex.analysis.figures import effect_png
 from saex.cli import main
-from tests.explorer.conftest import build_run
+from tests.conftest import build_run
 
 
 def _build(run, model, dataset, tokens, hook, n):
@@ -22,15 +22,13 @@ def _build(run, model, dataset, tokens, hook, n):
 
 
 @pytest.fixture(scope="module")
-def image_exp(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("edit_image"), "fmnist-vit", "fashion-mnist", "patches",
-                  "blocks.2.hook_resid_post", 300)
+def image_exp(image_run):
+    return Experiment(image_run, "topk-k8")  # the explorer tests' session run: fmnist-vit, patches
 
 
 @pytest.fixture(scope="module")
-def text_exp(tmp_path_factory, tiny_model_dir):
-    return _build(tmp_path_factory.mktemp("edit_text"), str(tiny_model_dir["bert"]), "wiki", "content",
-                  "blocks.1.hook_resid_post", 60)
+def text_exp(text_run):
+    return Experiment(text_run, "topk-k8")  # tiny BERT on wiki, content tokens
 
 
 def _edit(exp, *args, out=None):

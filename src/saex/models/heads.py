@@ -40,9 +40,7 @@ def head_output(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.T
     model = adapter.model
     batch = adapter.on_device(batch)
     if kind == "zero_shot":
-        feats = model.get_image_features(**batch.inputs)
-        feats = F.normalize(getattr(feats, "pooler_output", feats).float(), dim=-1)
-        return model.logit_scale.exp().float() * feats @ prompts.T
+        return readout(adapter, batch, kind, prompts)["logits"]
     if kind == "embedding":
         hidden = model(**batch.inputs).last_hidden_state.float()
         mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -63,7 +61,7 @@ def readout(adapter: ModelAdapter, batch: Batch, kind: str, prompts: torch.Tenso
         return {"logits": model.logit_scale.exp().float() * feats @ prompts.T, "embedding": feats}
     if kind == "embedding":
         return {"embedding": head_output(adapter, batch, kind)}
-    logits = model(**batch.inputs).logits.float()
+    logits = head_output(adapter, batch, kind)
     if kind == "next_token":
         last = batch.inputs["attention_mask"].sum(1) - 1
         logits = logits[torch.arange(len(logits), device=logits.device), last]
