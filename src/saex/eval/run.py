@@ -156,7 +156,7 @@ def _evaluate_toy(run: Path, manifest: dict, cfg: EvalConfig, saes: dict, folder
     from saex.toy import load_toy
 
     model, toy_cfg = load_toy(run / "acts")
-    seed = TOY_EVAL_SEED + int(getattr(toy_cfg, "seed", manifest.get("seed", 0)) or 0)
+    seed = TOY_EVAL_SEED + toy_cfg.seed
     x_ND, indices_NK, values_NK = model.sample(cfg.examples, torch.Generator().manual_seed(seed))
     x_ND = x_ND.float()
     step = max(cfg.batch_size, 1024)
