@@ -250,3 +250,17 @@ def test_attribution_toggle_swaps_the_top_images_for_overlays(browser, site, ima
     page.uncheck("#attr-on")
     assert page.evaluate(srcs) == thumbs
     assert not errors, errors
+
+
+def test_the_ablation_ranking_links_to_feature_pages(browser, site, image_run):
+    db = sqlite3.connect(image_run / "index" / "topk-k8" / "index.sqlite")
+    best = db.execute("SELECT feature FROM ablation ORDER BY loss_delta DESC LIMIT 1").fetchone()[0]
+    page, errors = _page(browser)
+    page.goto(f"{site}/ablation")
+    first = page.locator("#ranking tr").nth(1).locator("a").first
+    assert first.inner_text() == str(best)  # the largest loss change first, as the table has it
+    _shot(page, "ablation")
+    first.click()
+    page.wait_for_url(re.compile(rf".*/feature/{best}$"))
+    assert page.locator("h2", has_text="Ablation on its top examples").count() == 1
+    assert not errors, errors
