@@ -62,6 +62,20 @@ def test_children_need_parents_and_exclude_siblings():
     assert fired[:, children].any(0).float().mean() > 0.9  # the children do fire
 
 
+def test_alone_fires_at_most_one_free_feature_per_row_at_its_marginal():
+    model = toy_model(ToyConfig(run="x", n_features=60, d=16, l0=1.1, alone=True, correlation=0.0,
+                                hierarchy_fraction=0.4, children_per_parent=2, hierarchy_depth=1))
+    free = model.parent_F < 0
+    assert float(model.own_F[free].sum()) <= 1 + 1e-6
+    n = 40_000
+    fired = _fired(model, n)
+    assert (fired[:, free].sum(1) <= 1).all() and fired[:, free].any(1).float().mean() > 0.5
+    rate, p = fired.float().mean(0), model.frequency_F
+    assert ((rate - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-3).all()  # marginals as with the copula
+    children = torch.nonzero(~free).flatten()
+    assert not (fired[:, children] & ~fired[:, model.parent_F[children]]).any()
+
+
 def _firing_corr(model, n=30_000):
     f = _fired(model, n).float()
     f = (f - f.mean(0)) / f.std(0).clamp(min=1e-9)
@@ -117,6 +131,8 @@ def test_magnitudes_and_returned_codes_rebuild_x():
     (dict(n_features=8, l0=9.0), "l0 must be in (0, n_features=8], got 9.0"),
     (dict(noise=-0.1), "noise must be >= 0, got -0.1"),
     (dict(correlation=1.0), "correlation must be in [0, 1), got 1.0"),
+    (dict(alone=True, correlation=0.2), "correlation must be 0 with --alone"),
+    (dict(alone=True, correlation=0.0, l0=3.0), "one draw per row needs at most 1; lower l0"),
 ])
 def test_bad_options_say_what_is_valid(bad, words):
     with pytest.raises(ValueError) as e:

@@ -75,6 +75,9 @@ class ToyConfig:
     when n_features <= d; 1: independent random unit vectors)."""
     noise: float | None = None
     """Std of isotropic Gaussian noise added to every coordinate of x."""
+    alone: bool = False
+    """Features outside the hierarchy and roots fire alone: at most one per row, feature i with probability q_i
+    (their q must sum to at most 1, so l0 <= 1 without a hierarchy; needs correlation 0)."""
     seed: int = 0
     """Seed of the toy model and of its rows (shard i's rows come from a generator seeded by seed and i)."""
     shard_rows: int = 65536
@@ -97,7 +100,6 @@ PRESETS = {
                               hierarchy_fraction=0.6640625, children_per_parent=4, hierarchy_depth=3,
                               superposition=1.0, noise=0.0),
 }
-MODEL_FIELDS = tuple(PRESETS["small"])
 
 
 def resolve(cfg: ToyConfig) -> ToyConfig:
@@ -117,6 +119,8 @@ def resolve(cfg: ToyConfig) -> ToyConfig:
         ("hierarchy_depth", r.hierarchy_depth >= 1, ">= 1"),
         ("superposition", 0 <= r.superposition <= 1, "in [0, 1]"), ("noise", r.noise >= 0, ">= 0"),
         ("shard_rows", r.shard_rows >= 1, ">= 1"),
+        ("correlation", not (r.alone and r.correlation > 0), "0 with --alone (features that fire alone are not "
+         "correlated)"),
     ]
     for name, ok, valid in checks:
         if not ok:
@@ -139,6 +143,8 @@ class ToyModel:
     magnitude_mean: float
     magnitude_std: float
     noise: float
+    alone: bool = False
+    """Free features and roots exclude each other (one categorical draw per row) instead of the copula."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"features_FD": self.features_FD, "parent_F": self.parent_F, "frequency_F": self.frequency_F,
@@ -163,12 +169,10 @@ class ToyModel:
         F = len(self.parent_F)
         free = self.parent_F < 0
         fired_NF = torch.zeros(n, F, dtype=torch.bool)
-        normal = torch.distributions.Normal(0.0, 1.0)
-        share = float((self.loadings_FR[free] ** 2).sum(1).max()) if self.loadings_FR.shape[1] else 0.0
-        z = torch.randn(n, int(free.sum()), generator=g) * (1 - share) ** 0.5
-        if share > 0:
-            z += torch.randn(n, self.loadings_FR.shape[1], generator=g) @ self.loadings_FR[free].T
-        fired_NF[:, free] = z < normal.icdf(self.own_F[free].clamp(1e-12, 1 - 1e-12).float())
+        if self.alone:
+            fired_NF[:, free] = _categorical(self.own_F[free], n, g)
+        else:
+            self._copula(fired_NF, free, n, g)
         for parents, children_PC in self._tree:  # top-down: a parent's decision precedes its children's
             cum_PC = torch.where(children_PC >= 0, self.own_F[children_PC.clamp(min=0)], 0.0).cumsum(1).float()
             row, p = torch.nonzero(fired_NF[:, parents], as_tuple=True)  # the parents that fired, row-major
@@ -178,6 +182,14 @@ class ToyModel:
             ok = (pick < children_PC.shape[1]) & (chosen >= 0)
             fired_NF[row[ok], chosen[ok]] = True
         return fired_NF
+
+    def _copula(self, fired_NF: torch.Tensor, free: torch.Tensor, n: int, g: torch.Generator) -> None:
+        normal = torch.distributions.Normal(0.0, 1.0)
+        share = float((self.loadings_FR[free] ** 2).sum(1).max()) if self.loadings_FR.shape[1] else 0.0
+        z = torch.randn(n, int(free.sum()), generator=g) * (1 - share) ** 0.5
+        if share > 0:
+            z += torch.randn(n, self.loadings_FR.shape[1], generator=g) @ self.loadings_FR[free].T
+        fired_NF[:, free] = z < normal.icdf(self.own_F[free].clamp(1e-12, 1 - 1e-12).float())
 
     def _sample(self, n: int, g: torch.Generator):
         fired_NF = self._fire(n, g)
@@ -198,6 +210,13 @@ class ToyModel:
         if self.noise > 0:
             x_ND += self.noise * torch.randn(x_ND.shape, generator=g)
         return x_ND, indices_NK, values_NK
+
+
+def _categorical(q_F: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """[n, F] bool, at most one True per row: feature i with probability q_i (sum q <= 1), none with the rest."""
+    cum_F = q_F.cumsum(0).float()
+    pick_N = (torch.rand(n, 1, generator=g) >= cum_F).sum(1)  # the first feature whose cumulative passes u
+    return torch.nn.functional.one_hot(pick_N, len(q_F) + 1)[:, :-1].bool()
 
 
 def _levels(parent_F: torch.Tensor) -> list[torch.Tensor]:
@@ -287,10 +306,13 @@ def toy_model(cfg: ToyConfig) -> ToyModel:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if float(_marginals(parent_F, tree, base_F, mid)[0].sum()) < cfg.l0 else (lo, mid)
     marginal_F, own_F = _marginals(parent_F, tree, base_F, hi)
+    if cfg.alone and float(own_F[parent_F < 0].sum()) > 1 + 1e-6:
+        raise ValueError(f"alone: the free features' and roots' probabilities sum to {float(own_F[parent_F < 0].sum()):.3f} "
+                         f"at l0={cfg.l0}, but one draw per row needs at most 1; lower l0")
     directions_FR = torch.nn.functional.normalize(torch.randn(cfg.n_features, cfg.correlation_rank, generator=g), dim=1)
     loadings_FR = directions_FR * cfg.correlation ** 0.5 * (parent_F < 0).unsqueeze(1)
     return ToyModel(features_FD, parent_F, marginal_F.float(), own_F, loadings_FR.float(), cfg.magnitude_mean,
-                    cfg.magnitude_std, cfg.noise)
+                    cfg.magnitude_std, cfg.noise, cfg.alone)
 
 
 def shard_generator(seed: int, shard: int) -> torch.Generator:
@@ -316,7 +338,7 @@ def load_toy(folder: str | Path) -> tuple[ToyModel, ToyConfig]:
     t = load_file(path)
     cfg = ToyConfig(run=str(folder.parent), **manifest["toy"])
     return ToyModel(t["features_FD"], t["parent_F"], t["frequency_F"], t["own_F"], t["loadings_FR"],
-                    cfg.magnitude_mean, cfg.magnitude_std, cfg.noise), cfg
+                    cfg.magnitude_mean, cfg.magnitude_std, cfg.noise, cfg.alone), cfg
 
 
 def toy(cfg: ToyConfig) -> dict:
