@@ -11,7 +11,7 @@ def test_parse_hook():
 
 @pytest.mark.parametrize("name, match", [
     ("blocks.6.hook_resid_post", r"layer 6 does not exist; this model has layers 0\.\.5"),
-    ("blocks.2.hook_attn_out", r"unknown site 'hook_attn_out'; valid sites: \['hook_resid_pre'"),
+    ("blocks.2.hook_attn_in", r"unknown site 'hook_attn_in'; valid sites: \['hook_resid_pre', 'hook_attn_out', 'hook_mlp_in'"),
     ("layer3", r"not of the form blocks\.<layer>\.<site>"),
 ])
 def test_bad_hook_errors(name, match):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_directions, mlp_out_of
+from saex.models.families import backbone_of, blocks_of, family_of, mlp_out_directions, site_module
 from saex.models.hooks import HookPoint, all_hook_names, parse_hook
 
 TOKEN_CHOICES = {
@@ -164,7 +164,7 @@ class ModelAdapter:
                 return None
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        if point.site == "hook_resid_pre":
+        if point.site in ("hook_resid_pre", "hook_mlp_in"):  # a module's input: the block's, or the MLP's
             def on_input(module, args, kwargs):
                 acts = args[0] if args else kwargs["hidden_states"]
                 new = fn(acts)
@@ -172,8 +172,9 @@ class ModelAdapter:
                     return None
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-            return block.register_forward_pre_hook(on_input, with_kwargs=True)
-        module = block if point.site == "hook_resid_post" else mlp_out_of(block)
+            module = block if point.site == "hook_resid_pre" else site_module(block, point.site)
+            return module.register_forward_pre_hook(on_input, with_kwargs=True)
+        module = block if point.site == "hook_resid_post" else site_module(block, point.site)
         return module.register_forward_hook(on_output)
 
     @torch.inference_mode()

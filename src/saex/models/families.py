@@ -38,6 +38,11 @@ FAMILIES = (
 # What each block adds to the residual stream through its MLP, first match wins: DINOv2 scales the
 # MLP output (layer_scale2); BERT's (and old ViT's) `output.dense` precedes the residual add.
 MLP_OUT_MODULES = ("layer_scale2", "mlp", "output.dense")
+# What attention adds, likewise: DINOv2's layer_scale1; BERT's (and old ViT's) `attention.output.dense` precedes
+# the residual add (and BERT's LayerNorm); the others' attention module returns it as its first output.
+ATTN_OUT_MODULES = ("layer_scale1", "attention.output.dense", "self_attn", "attn", "attention")
+# The MLP's input (after the norm that precedes it): BERT's `intermediate` reads the attention block's output.
+MLP_IN_MODULES = ("mlp", "intermediate")
 
 
 def family_of(model_type: str) -> Family:
@@ -79,9 +84,24 @@ def mlp_out_directions(block: nn.Module, d_model: int) -> torch.Tensor:
 
 
 def mlp_out_of(block: nn.Module) -> nn.Module:
-    for path in MLP_OUT_MODULES:
+    return _first_of(block, MLP_OUT_MODULES, "MLP output")
+
+
+def site_module(block: nn.Module, site: str) -> nn.Module:
+    """The sub-module of `block` whose output (hook_attn_out, hook_mlp_out) or input (hook_mlp_in) is the site."""
+    if site == "hook_mlp_out":
+        return mlp_out_of(block)
+    if site == "hook_attn_out":
+        return _first_of(block, ATTN_OUT_MODULES, "attention output")
+    if site == "hook_mlp_in":
+        return _first_of(block, MLP_IN_MODULES, "MLP input")
+    raise ValueError(f"{site} is the block's own input or output, not a sub-module's")
+
+
+def _first_of(block: nn.Module, paths: tuple[str, ...], what: str) -> nn.Module:
+    for path in paths:
         try:
             return block.get_submodule(path)
         except AttributeError:
             continue
-    raise ValueError(f"{type(block).__name__} has none of the MLP output modules {MLP_OUT_MODULES}")
+    raise ValueError(f"{type(block).__name__} has none of the {what} modules {paths}")

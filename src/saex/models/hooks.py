@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-SITES = ("hook_resid_pre", "hook_mlp_out", "hook_resid_post")  # in the order a block computes them
+# in the order a block computes them: its input, what attention adds to the residual stream, the MLP's input
+# (after its norm), what the MLP adds, the block's output
+SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_in", "hook_mlp_out", "hook_resid_post")
 _PATTERN = re.compile(r"^blocks\.(\d+)\.(\w+)$")
 
 
