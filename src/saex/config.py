@@ -42,10 +42,13 @@ def _unwrap_optional(tp):
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of dataclass `cls` (positional when the field's metadata says so)."""
+    """One flag per field of dataclass `cls` (positional when the field's metadata says so; none for a
+    field whose metadata has cli=False: a value the stage sets itself)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         tp = _unwrap_optional(hints[f.name])
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -72,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def from_args(cls, ns: argparse.Namespace):
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False}
     # list flags start from None so that giving one replaces the default list instead of extending it
     return cls(**{k: v for k, v in values.items() if v is not None or not _is_list_field(cls, k)})
 

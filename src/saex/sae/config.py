@@ -10,7 +10,7 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "prolu")
 
 @dataclass
 class SAEConfig:
-    d_in: int = 0
+    d_in: int = field(default=0, metadata={"cli": False})
     """Width of the activations (set from the store)."""
     d_sae: int = 0
     """Number of latents (0: expansion x d_in)."""
@@ -56,12 +56,22 @@ class SAEConfig:
     exactly from its candidates)."""
     decoder_init_norm: float = 0.0
     """Norm of the initial decoder rows (0: 0.1 for the L1/L0-penalised architectures, 1 otherwise)."""
+    transcoder: bool = field(default=False, metadata={"cli": False})
+    """Reconstruct another activation (a target hook) from the input's code, as SAELens' transcoders do: the
+    input is not centred by b_dec, which lives in the target's space (set by saex train --target)."""
+    d_out: int = field(default=0, metadata={"cli": False})
+    """Width of the transcoder's target (0: d_in; set from the store)."""
+    skip: bool = False
+    """Transcoder: add a learned linear skip path W_skip x to the reconstruction (a skip-transcoder)."""
 
     def validate(self) -> "SAEConfig":
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not one of {list(ARCHITECTURES)}")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise ValueError(f"d_in and d_sae must be >= 1, got {self.d_in} and {self.d_sae}")
+        if self.d_in < 1 or self.d_sae < 1 or self.d_out < 0:
+            raise ValueError(f"d_in and d_sae must be >= 1 and d_out >= 0, got {self.d_in}, {self.d_sae} and "
+                             f"{self.d_out}")
+        if (self.skip or self.d_out) and not self.transcoder:
+            raise ValueError("skip and d_out belong to transcoders: give the target hook (saex train --target)")
         if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k must lie in [1, d_sae={self.d_sae}], got {self.k}")
         if self.matryoshka != "none" and self.architecture not in ("topk", "batchtopk"):

@@ -51,19 +51,25 @@ def save_sae(sae: SAE, folder: str | Path, extra_metadata: dict | None = None,
     """Write `folder` atomically (a temporary folder renamed into place), with `files` (name -> text) in it."""
     from saex.atomic import atomic_folder
 
-    arch_name, extra = sae.arch.inference_state(sae)
+    kind, extra = sae.arch.inference_state(sae)
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, **extra}
-    weights = {name: tensors[name] for name in saelens.TENSORS[arch_name]}  # Gated's b_enc is its b_gate
+    if sae.cfg.skip:
+        tensors["W_skip"] = sae.W_skip
+    weights = {name: tensors[name] for name in saelens.tensor_names(kind, sae.cfg.skip)}  # Gated's b_enc: b_gate
     metadata = {**sae.metadata, **(extra_metadata or {})}
+    transcoder = sae.cfg.transcoder
     cfg = {
-        "architecture": arch_name, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "architecture": saelens.transcoder_name(kind, sae.cfg.skip) if transcoder else kind,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, **({"d_out": sae.d_out} if transcoder else {}), "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": not transcoder, "normalize_activations": "none",
+        "reshape_activations": "none",
         # sae_lens_version names the cfg layout we write (SAELens 6), so that SAELens reads the metadata
         "metadata": {"sae_lens_version": SAELENS_LAYOUT, "model_name": metadata.get("model"),
-                     "hook_name": metadata.get("hook"), **metadata},
+                     "hook_name": metadata.get("hook"),
+                     **({"hook_name_out": metadata.get("target_hook")} if transcoder else {}), **metadata},
         "saex": {"version": __version__, "sae": dataclasses.asdict(sae.cfg)},
     }
-    if arch_name == "topk":
+    if kind == "topk":
         cfg["k"] = sae.cfg.k
     weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
     broken = [k for k, v in weights.items() if not torch.isfinite(v).all()]
@@ -86,8 +92,10 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SAE:
     where, path = folder / CFG, _existing(folder / WEIGHTS, f"the SAE at {folder} is incomplete")
     c = saelens.parse(cfg, where)
     optional = saelens.LEGACY_TENSORS if c.legacy else ()
-    tensors = _read_tensors(path, c.shapes(), f"a {c.architecture!r} SAE (as {CFG} says)",
-                            f"{CFG}'s d_in={c.d_in} and d_sae={c.d_sae}", c.dtype, optional)
+    what = cfg.get("architecture") if c.transcoder else c.architecture
+    tensors = _read_tensors(path, c.shapes(), f"a {what!r} {'transcoder' if c.transcoder else 'SAE'} (as {CFG} says)",
+                            f"{CFG}'s d_in={c.d_in}, d_sae={c.d_sae}" + (f" and d_out={c.d_out}" if c.transcoder else ""),
+                            c.dtype, optional)
     if "scaling_factor" in tensors:
         if not torch.equal(tensors.pop("scaling_factor"), torch.ones(c.d_sae)):
             raise ValueError(f"{path}: scaling_factor (SAELens 5's finetuning scale) is not all ones; saex loads "
@@ -161,7 +169,8 @@ def _saex_config(cfg: dict, c: saelens.SAELensConfig, where: Path) -> SAEConfig:
         if arch is None:
             raise ValueError(f"{where}: architecture {c.architecture!r} is saex's own, and needs the 'saex' section "
                              "saex writes beside it")
-        return SAEConfig(d_in=c.d_in, d_sae=c.d_sae, architecture=arch, k=c.k or 32)
+        return SAEConfig(d_in=c.d_in, d_sae=c.d_sae, architecture=arch, k=c.k or 32, transcoder=c.transcoder,
+                         d_out=c.d_out, skip=c.skip)
     section = cfg["saex"].get("sae") if isinstance(cfg["saex"], dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{where}: the 'saex' section must be an object whose 'sae' object is an SAEConfig")
@@ -169,7 +178,9 @@ def _saex_config(cfg: dict, c: saelens.SAELensConfig, where: Path) -> SAEConfig:
     saved_as = {REGISTRY[sae_cfg.architecture].saelens_name} | ({"prolu"} if sae_cfg.architecture == "prolu" else set())
     for name, theirs, ours in (("architecture", c.architecture, saved_as), ("d_in", c.d_in, {sae_cfg.d_in}),
                                ("d_sae", c.d_sae, {sae_cfg.d_sae}),
-                               ("k", c.k, {sae_cfg.k if c.architecture == "topk" else None})):
+                               ("k", c.k, {sae_cfg.k if c.architecture == "topk" else None}),
+                               ("transcoder", c.transcoder, {sae_cfg.transcoder}), ("skip", c.skip, {sae_cfg.skip}),
+                               ("d_out", c.d_out, {sae_cfg.d_out if sae_cfg.transcoder else 0})):
         if theirs not in ours:
             raise ValueError(f"{where}: {name} is {theirs!r}, but the saex section describes a "
                              f"{sae_cfg.architecture!r} SAE, saved with {name} {' or '.join(map(repr, sorted(ours)))}")
@@ -213,6 +224,8 @@ def _set_weights(sae: SAE, t: dict[str, torch.Tensor], path: Path) -> None:
     """Copy SAELens-named tensors into the saex SAE, whose architecture may store them differently."""
     arch = sae.cfg.architecture
     state = {"W_enc_SD": t["W_enc"].T, "b_enc": t.get("b_enc", t.get("b_gate")), "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if "W_skip" in t:
+        state["W_skip"] = t["W_skip"]
     if arch == "gated":
         state.update({"arch.r_mag": t["r_mag"], "arch.b_mag": t["b_mag"]})
     elif arch == "jumprelu":

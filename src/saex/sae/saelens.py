@@ -13,6 +13,10 @@ changes what an SAE computes is either folded exactly into the weights or refuse
 - `dtype`: the tensors must be stored in it; saex computes in float32 whatever it is.
 - `normalize_activations` other than none, `reshape_activations` hook_z and `metadata.hook_head_index`:
   refused (a per-input normalisation cannot be folded; the others change what the SAE is applied to).
+- transcoders (`transcoder`, `skip_transcoder`, `jumprelu_transcoder`, `jumprelu_skip_transcoder`; saex
+  writes `<kind>_transcoder` and `<kind>_skip_transcoder` for the kinds SAELens has no transcoder of):
+  `d_out` sizes W_dec [d_sae, d_out] and b_dec; the encoder reads x uncentred (`apply_b_dec_to_input` must
+  be false, as SAELens requires); a skip-transcoder adds `W_skip` [d_out, d_in] x.
 - configs from before SAELens 6 (no `sae_lens_version`): read with SAELens' own defaults (`activation_fn`
   topk with `activation_fn_kwargs.k` is a TopK, a boolean `normalize_activations`); another
   `activation_fn` is refused, as is a `scaling_factor` tensor other than ones.
@@ -36,6 +40,16 @@ TENSORS = {
     "prolu": ("W_enc", "b_enc", "W_dec", "b_dec"),
 }
 SAELENS_TO_SAEX = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_TRANSCODER = re.compile(r"^(?:(\w+?)_)?(skip_)?transcoder$")  # [kind_][skip_]transcoder; no kind: standard
+
+
+def transcoder_name(kind: str, skip: bool) -> str:
+    """The architecture name of a transcoder of SAELens kind `kind` (standard: SAELens' plain transcoder)."""
+    return ("" if kind == "standard" else f"{kind}_") + ("skip_" if skip else "") + "transcoder"
+
+
+def tensor_names(kind: str, skip: bool = False) -> tuple[str, ...]:
+    return TENSORS[kind] + (("W_skip",) if skip else ())
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LEGACY_TENSORS = ("scaling_factor",)  # SAELens 5's finetuning scale: only all ones can be dropped
 
@@ -50,7 +64,7 @@ _REFUSED = {
 class SAELensConfig:
     """The fields of a SAELens cfg.json that saex's computation depends on, validated."""
 
-    architecture: str
+    architecture: str  # the kind of activation (for a transcoder: what its name says before "transcoder")
     d_in: int
     d_sae: int
     dtype: str
@@ -58,10 +72,15 @@ class SAELensConfig:
     apply_b_dec_to_input: bool
     rescale_acts_by_decoder_norm: bool
     legacy: bool  # written before SAELens 6
+    transcoder: bool = False
+    skip: bool = False
+    d_out: int = 0  # a transcoder's target width
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        special = {"W_enc": (self.d_in, self.d_sae), "W_dec": (self.d_sae, self.d_in), "b_dec": (self.d_in,)}
-        return {name: special.get(name, (self.d_sae,)) for name in TENSORS[self.architecture]}
+        d_out = self.d_out or self.d_in
+        special = {"W_enc": (self.d_in, self.d_sae), "W_dec": (self.d_sae, d_out), "b_dec": (d_out,),
+                   "W_skip": (d_out, self.d_in)}
+        return {name: special.get(name, (self.d_sae,)) for name in tensor_names(self.architecture, self.skip)}
 
 
 def parse(cfg: dict, where: Path) -> SAELensConfig:
@@ -71,6 +90,9 @@ def parse(cfg: dict, where: Path) -> SAELensConfig:
     if legacy:
         cfg = _from_legacy(cfg, where)
     arch = _get(cfg, "architecture", str, where)
+    transcoder = _TRANSCODER.match(arch)
+    if transcoder:
+        arch = transcoder.group(1) or "standard"
     if arch not in TENSORS:
         raise ValueError(f"{where}: architecture {arch!r} is not one saex reads; it reads {sorted(SAELENS_TO_SAEX)} "
                          "(and 'prolu' from saex)")
@@ -95,8 +117,17 @@ def parse(cfg: dict, where: Path) -> SAELensConfig:
         if not 1 <= k <= d_sae:
             raise ValueError(f"{where}: k={k} must lie in [1, d_sae={d_sae}]")
         rescale = _get(cfg, "rescale_acts_by_decoder_norm", bool, where, False)
-    return SAELensConfig(arch, d_in, d_sae, dtype, k, _get(cfg, "apply_b_dec_to_input", bool, where, True),
-                         bool(rescale), legacy)
+    apply_b_dec = _get(cfg, "apply_b_dec_to_input", bool, where, not transcoder)
+    if not transcoder:
+        return SAELensConfig(arch, d_in, d_sae, dtype, k, apply_b_dec, bool(rescale), legacy)
+    d_out = _get(cfg, "d_out", int, where)
+    if d_out < 1:
+        raise ValueError(f"{where}: d_out is {d_out}; it must be a positive integer")
+    if apply_b_dec:
+        raise ValueError(f"{where}: apply_b_dec_to_input=true is not supported for transcoders (b_dec lives in the "
+                         "target's space; SAELens refuses it too); saex loads apply_b_dec_to_input=false")
+    return SAELensConfig(arch, d_in, d_sae, dtype, k, False, bool(rescale), legacy, True,
+                         bool(transcoder.group(2)), d_out)
 
 
 @torch.no_grad()
@@ -104,7 +135,7 @@ def fold(c: SAELensConfig, t: dict[str, torch.Tensor], where: Path) -> dict[str,
     """SAELens-named tensors rewritten so that saex's computation (x - b_dec always subtracted, no
     decoder-norm rescaling, ReLU'd JumpReLU codes) gives what SAELens computes with config `c`."""
     t = dict(t)
-    if not c.apply_b_dec_to_input:
+    if not c.apply_b_dec_to_input and not c.transcoder:  # a saex transcoder reads x uncentred too
         shift = t["b_dec"] @ t["W_enc"]
         if c.architecture == "gated":
             t["b_gate"] = t["b_gate"] + shift

@@ -120,9 +120,10 @@ class ActivationStore:
         if n:
             yield {c: torch.cat([p[c] for p in pending]).clone() for c in columns}
 
-    def iter_shuffled(self, column: str, batch_size: int, seed: int = 0, window_rows: int = 1 << 20,
-                      skip_batches: int = 0) -> Iterator[torch.Tensor]:
-        """An endless stream of shuffled batches, epoch after epoch.
+    def iter_shuffled(self, column: str | list[str], batch_size: int, seed: int = 0, window_rows: int = 1 << 20,
+                      skip_batches: int = 0) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """An endless stream of shuffled batches, epoch after epoch (of several columns: tuples of their
+        batches, row for row, in the order one column alone would come).
 
         Each epoch visits the shards in a fresh random order, takes windows of about `window_rows`
         rows, shuffles each window (rows left over from one window join the next) and yields full
@@ -133,6 +134,7 @@ class ActivationStore:
         """
         if len(self) < batch_size:
             raise ValueError(f"the store has {len(self)} rows, fewer than one batch of {batch_size}")
+        columns = [column] if isinstance(column, str) else list(column)
         epoch, carry, emitted = 0, None, 0
         while True:
             rng = np.random.default_rng([seed, epoch])
@@ -143,16 +145,17 @@ class ActivationStore:
                 while stop < len(order) and (rows == 0 or rows + self.shards[order[stop]]["rows"] <= window_rows):
                     rows += self.shards[order[stop]]["rows"]
                     stop += 1
-                parts = ([carry] if carry is not None else []) + [self.shard(int(i), column)
-                                                                  for i in order[start:stop]]
-                window = _Window(parts)
-                perm = rng.permutation(len(window))
-                full = len(window) // batch_size * batch_size
+                windows = [_Window(([carry[j]] if carry is not None else []) + [self.shard(int(i), c)
+                                                                                for i in order[start:stop]])
+                           for j, c in enumerate(columns)]
+                perm = rng.permutation(len(windows[0]))
+                full = len(windows[0]) // batch_size * batch_size
                 for b in range(0, full, batch_size):
                     if emitted >= skip_batches:
-                        yield window.rows(perm[b:b + batch_size])
+                        batch = tuple(w.rows(perm[b:b + batch_size]) for w in windows)
+                        yield batch[0] if isinstance(column, str) else batch
                     emitted += 1
-                carry = window.rows(perm[full:])
+                carry = [w.rows(perm[full:]) for w in windows]
                 start = stop
             epoch += 1
 

@@ -10,7 +10,7 @@ from typing import Literal
 from saex.sae.config import SAEConfig
 
 # fields shared by every SAE of a sweep (one stream, one loop); everything else may be swept
-SHARED = {"run", "hook", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
+SHARED = {"run", "hook", "target", "name", "steps", "batch_size", "seed", "device", "sweep", "checkpoint_every",
           "log_every", "overwrite", "dead_tokens", "autocast", "wandb_project", "verify", "skip_nonfinite",
           "threads"}
 
@@ -21,6 +21,9 @@ class TrainConfig(SAEConfig):
     """Run folder holding acts/ (from saex harvest); SAEs go to RUN/saes/<name>/."""
     hook: str | None = None
     """Hook point to train on (default: the store's only one)."""
+    target: str | None = None
+    """Train a transcoder: reconstruct this hook point from --hook's code (e.g. --hook blocks.1.hook_mlp_in
+    --target blocks.1.hook_mlp_out; both harvested in one store)."""
     name: str | None = None
     """Name of the SAE (default: from the architecture and the swept values)."""
     expansion: int = 8
@@ -75,14 +78,20 @@ class TrainConfig(SAEConfig):
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works without network)."""
 
-    def sae_config(self, d_in: int) -> SAEConfig:
+    def sae_config(self, d_in: int, d_out: int = 0) -> SAEConfig:
+        """The SAE's config for inputs of width d_in (a transcoder's targets: d_out, when --target is given)."""
+        if self.skip and self.target is None:
+            raise ValueError("--skip adds a skip path to a transcoder: give its target hook with --target")
         names = {f.name for f in dataclasses.fields(SAEConfig)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
         values.update(d_in=d_in, d_sae=self.d_sae or self.expansion * d_in)
+        if self.target is not None:
+            values.update(transcoder=True, d_out=d_out)
         return SAEConfig(**values).validate()
 
     def default_name(self, swept: dict) -> str:
-        parts = [self.architecture + ("-matryoshka" if self.matryoshka != "none" else "")]
+        parts = [self.architecture + ("-matryoshka" if self.matryoshka != "none" else "")
+                 + ("-transcoder" if self.target else "") + ("-skip" if self.skip and self.target else "")]
         parts += [f"{k}{v}" for k, v in swept.items() if k not in ("architecture", "matryoshka")]
         return "-".join(parts)
 

@@ -51,21 +51,24 @@ class DeadTracker:
 
 
 @torch.no_grad()
-def resample_dead(sae: SAE, opt, x_BD: torch.Tensor, dead_S: torch.Tensor, generator=None) -> int:
+def resample_dead(sae: SAE, opt, x_BD: torch.Tensor, dead_S: torch.Tensor, generator=None,
+                  y_BD: torch.Tensor | None = None) -> int:
     """Re-initialise dead latents from inputs drawn in proportion to their squared reconstruction loss
-    (Towards Monosemanticity): decoder row = the input's direction, encoder = that direction scaled to
-    0.2 x the mean alive encoder norm, bias 0, Adam moments reset. Returns how many were resampled."""
+    (Towards Monosemanticity): decoder row = the target's direction (the input's, for an SAE), encoder =
+    the input's direction scaled to 0.2 x the mean alive encoder norm, bias 0, Adam moments reset.
+    Returns how many were resampled."""
     dead = dead_S.nonzero().squeeze(1)
     if dead.numel() == 0:
         return 0
-    loss_B = (x_BD - sae(x_BD)).pow(2).sum(-1)
+    truth = x_BD if y_BD is None else y_BD
+    loss_B = (truth - sae(x_BD)).pow(2).sum(-1)
     rows = torch.multinomial(loss_B.pow(2) + 1e-12, dead.numel(), replacement=True, generator=generator)
-    directions = x_BD[rows] - sae.b_dec
-    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    out_dir, in_dir = unit(truth[rows] - sae.b_dec), unit(x_BD[rows] - sae.b_in)
     alive = ~dead_S
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    sae.W_dec[dead] = directions * (sae.W_dec[alive].norm(dim=1).mean() if alive.any() else 1.0)
-    sae.W_enc[:, dead] = (directions * 0.2 * enc_norm).T
+    sae.W_dec[dead] = out_dir * (sae.W_dec[alive].norm(dim=1).mean() if alive.any() else 1.0)
+    sae.W_enc[:, dead] = (in_dir * 0.2 * enc_norm).T
     sae.b_enc[dead] = 0.0
     reset_latents(opt, sae.latent_parameters(), dead)
     return int(dead.numel())

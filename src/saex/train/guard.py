@@ -14,8 +14,8 @@ from saex.store import ActivationStore
 
 
 class Guard:
-    def __init__(self, store: ActivationStore, column: str, verify: bool, defer: bool):
-        self.store, self.column, self.defer = store, column, defer
+    def __init__(self, store: ActivationStore, columns: list[str], verify: bool, defer: bool):
+        self.store, self.columns, self.defer = store, columns, defer
         self._stop = threading.Event()
         self.hashes = store.verify_in_background(self._stop) if verify else None
         self.all_finite: torch.Tensor | None = None  # deferred: every batch so far held finite values
@@ -54,7 +54,7 @@ class Guard:
             return x_BD  # only a sum overflowed
         if skip:
             return x_BD[finite_B]
-        bad = self.store.nonfinite_rows(self.column)
+        bad = sorted(set().union(*(self.store.nonfinite_rows(c) for c in self.columns)))
         if not bad:
             return x_BD
         self.store.verify(sorted({shard for shard, _ in bad}))  # altered bytes are the likelier cause

@@ -56,6 +56,12 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     column = store.acts(cfg.hook)
     hook = column.removeprefix("acts.")
     d_in = store.d(hook)
+    # a transcoder reads one column and reconstructs another, row for row
+    target = store.acts(cfg.target).removeprefix("acts.") if cfg.target is not None else None
+    if target == hook:
+        raise ValueError(f"--target {cfg.target} is the input hook itself: a transcoder reconstructs another hook "
+                         f"(the store has {store.hooks}); leave --target out to train an SAE")
+    columns = [column] + ([f"acts.{target}"] if target else [])
     identity = run_identity(variants, len(store), hook)
     checkpoint = checkpoint_path(run, list(outputs))
     remove_unfinished_saves(run / "saes", list(outputs))
@@ -68,19 +74,20 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     device = _device(cfg.device)
     if device.type == "cpu":
         tune_allocator()
-    guard = Guard(store, column, cfg.verify, defer=device.type != "cpu")
+    guard = Guard(store, columns, cfg.verify, defer=device.type != "cpu")
 
     torch.manual_seed(cfg.seed)
-    rows = np.random.default_rng(cfg.seed).choice(len(store), min(INIT_SAMPLE, len(store)), replace=False)
-    sample = guard.finite_rows(store.take(column, np.sort(rows)).float(), cfg.skip_nonfinite)
-    scale = input_scale(sample) if cfg.normalize else 1.0
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(len(store), min(INIT_SAMPLE, len(store)), replace=False))
+    samples = _split(guard.finite_rows(torch.cat([store.take(c, rows).float() for c in columns], 1),
+                                       cfg.skip_nonfinite), d_in)
+    scales = [input_scale(s) if cfg.normalize else 1.0 for s in samples]  # the input's, then the target's
     trainees = []
     for name, vcfg in variants:
         torch.manual_seed(vcfg.seed)  # each SAE starts as it would alone: a sweep member equals a solo run
-        sae = SAE(vcfg.sae_config(d_in))
+        sae = SAE(vcfg.sae_config(d_in, store.d(target) if target else 0))
         with torch.no_grad():
-            sae.b_dec.copy_(decoder_bias(sample * scale, vcfg.b_dec_init))
-        sae.arch.init_from_data(sae, sample * scale)
+            sae.b_dec.copy_(decoder_bias(samples[-1] * scales[-1], vcfg.b_dec_init))  # in what it reconstructs
+        sae.arch.init_from_data(sae, samples[0] * scales[0])
         trainees.append(Trainee(name, vcfg, sae, device))
 
     start, skipped = 0, 0
@@ -88,34 +95,37 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
         state = load_checkpoint(checkpoint, identity, device)
         for t in trainees:
             t.load_state_dict(state["trainees"][t.name])
-        start, scale, skipped = state["step"], state["scale"], state.get("skipped_rows", 0)
+        scales = state["scales"] if "scales" in state else [state["scale"]]  # (checkpoints of saex before 0.2)
+        start, skipped = state["step"], state.get("skipped_rows", 0)
         print(f"resuming {', '.join(outputs)} at step {start}")
 
     def save_checkpoint_at(step: int) -> None:
         guard.check(trainees)
-        save_checkpoint(checkpoint, {"step": step, "scale": scale, "identity": identity, "skipped_rows": skipped,
-                                     "trainees": {t.name: t.state_dict() for t in trainees}})
+        save_checkpoint(checkpoint, {"step": step, "scales": scales, "identity": identity,
+                                     "skipped_rows": skipped, "trainees": {t.name: t.state_dict() for t in trainees}})
 
     log = JsonlLog(run, "train")
     wandb = WandbLog(cfg.wandb_project, run, ",".join(outputs), dataclasses.asdict(cfg)) if cfg.wandb_project else None
-    log.write("start", step=start, saes=list(outputs), hook=hook, d_in=d_in, input_scale=scale)
-    stream = store.iter_shuffled(column, cfg.batch_size, seed=cfg.seed, skip_batches=start)
+    log.write("start", step=start, saes=list(outputs), hook=hook, d_in=d_in, input_scale=scales[0],
+              **({"target": target, "target_scale": scales[-1]} if target else {}))
+    stream = store.iter_shuffled(columns, cfg.batch_size, seed=cfg.seed, skip_batches=start)
     bar = progress(cfg.steps, f"train {', '.join(outputs)}"[:60], "step", initial=start)
     t0 = time.perf_counter()
     tuner = ThreadTuner(cfg.threads, active=device.type == "cpu")  # CPU threads pace CPU steps only
     try:
         for step in range(start, cfg.steps):
-            x_BD = next(stream).to(device, non_blocking=True).float()
+            batch = [b.to(device, non_blocking=True).float() for b in next(stream)]
             if guard.defer and not cfg.skip_nonfinite:
-                guard.note_batch(x_BD)
-            elif not bool(torch.isfinite(x_BD.sum())):  # one sum (a per-row isfinite of bf16 takes 20 ms here)
-                n = len(x_BD)
-                x_BD = guard.finite_rows(x_BD, cfg.skip_nonfinite)
-                skipped += n - len(x_BD)
-            x_BD = x_BD * scale
+                for b in batch:
+                    guard.note_batch(b)
+            elif not all(bool(torch.isfinite(b.sum())) for b in batch):  # a sum each (a per-row isfinite of bf16
+                n = len(batch[0])                                        # takes 20 ms here)
+                batch = _split(guard.finite_rows(torch.cat(batch, 1), cfg.skip_nonfinite), d_in)
+                skipped += n - len(batch[0])
+            x_BD, *y_BD = (b * s for b, s in zip(batch, scales))
             with tuner.timed():
                 for t in trainees:
-                    t.step(x_BD, step)
+                    t.step(x_BD, step, *y_BD)
             last = step + 1 == cfg.steps
             if not guard.defer:
                 guard.check(trainees, hashes=False)
@@ -143,7 +153,7 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
         bar.close()  # before any error message, not over it
     guard.finish(trainees)
 
-    _save_all(trainees, outputs, store, run, hook, scale, cfg)
+    _save_all(trainees, outputs, store, run, hook, target, scales, cfg)
     checkpoint.unlink(missing_ok=True)
     if wandb:
         wandb.finish()
@@ -158,8 +168,13 @@ def _train(cfg: TrainConfig, run: Path, store: ActivationStore, variants, output
     return list(outputs.values())
 
 
+def _split(rows_BD: torch.Tensor, d_in: int) -> list[torch.Tensor]:
+    """The input's columns and, for a transcoder, the target's, of rows joined side by side."""
+    return [rows_BD[:, :d_in]] + ([rows_BD[:, d_in:]] if rows_BD.shape[1] > d_in else [])
+
+
 def _save_all(trainees: list[Trainee], outputs: dict[str, Path], store: ActivationStore, run: Path, hook: str,
-              scale: float, cfg: TrainConfig) -> None:
+              target: str | None, scales: list[float], cfg: TrainConfig) -> None:
     """Save every trained SAE, each folder whole with its train_config.json; members that a kill during a
     sweep's final save left saved are complete already and kept."""
     metadata = {k: store.manifest.get(k) for k in ("model", "model_family", "modality", "tokens", "dataset",
@@ -168,8 +183,9 @@ def _save_all(trainees: list[Trainee], outputs: dict[str, Path], store: Activati
         if (outputs[t.name] / CFG).exists() and not cfg.overwrite:
             continue
         t.sae.eval()
-        t.sae.cpu().fold_input_scale(scale)
-        save_sae(t.sae, outputs[t.name], {**metadata, "hook": hook, "run": str(run), "input_scale": scale,
+        t.sae.cpu().fold_input_scale(scales[0], scales[-1])
+        transcoder = {"target_hook": target, "target_scale": scales[-1]} if target else {}
+        save_sae(t.sae, outputs[t.name], {**metadata, "hook": hook, **transcoder, "run": str(run), "input_scale": scales[0],
                                           "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size,
                                           "final": t.metrics()},
                  files={TRAIN_CONFIG: configs.to_json(t.cfg)})

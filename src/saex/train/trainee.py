@@ -28,17 +28,20 @@ class Trainee:
         # would wait for it; on the CPU the loop asks every step (free there), elsewhere when it logs
         self.diverged_at = torch.tensor(-1, device=device)
 
-    def step(self, x_BD: torch.Tensor, step: int) -> None:
+    def step(self, x_BD: torch.Tensor, step: int, y_BD: torch.Tensor | None = None) -> None:
+        """One optimiser step on inputs x (and a transcoder's targets y)."""
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_warmup, cfg.lr_decay)
         n_dead = self.dead.count()
-        ctx = TrainContext(cfg.sparsity_coefficient * sparsity_factor(step, cfg.steps, cfg.sparsity_warmup),
-                           self.dead.dead() if n_dead else None, self.generator, n_dead)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                     else contextlib.nullcontext())
         self.sae.train()
         with autocast:
+            skip = self.sae.skip_out(x_BD)  # a skip-transcoder's code reconstructs what its skip path leaves
+            ctx = TrainContext(cfg.sparsity_coefficient * sparsity_factor(step, cfg.steps, cfg.sparsity_warmup),
+                               self.dead.dead() if n_dead else None, self.generator, n_dead,
+                               y_BD if skip is None else y_BD - skip if y_BD is not None else None)
             out = self.sae.train_forward(x_BD, ctx)
             loss = out.loss
         self.diverged_at = torch.where((self.diverged_at < 0) & ~torch.isfinite(loss.detach()), step,
@@ -53,12 +56,13 @@ class Trainee:
         self.dead.update(out.fired_S, len(x_BD))
         self.fired_count_S += out.fired_S
         with torch.no_grad():
-            x_hat = out.x_hat_BD.float()
-            fvu = (x_BD - x_hat).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+            truth = x_BD if y_BD is None else y_BD
+            x_hat = out.x_hat_BD.float() + (0 if skip is None else skip.float())
+            fvu = (truth - x_hat).pow(2).sum() / (truth - truth.mean(0)).pow(2).sum().clamp_min(1e-12)
         self.last = {"loss": loss.detach(), "l0": out.l0.detach(), "fvu": fvu,
                      **{k: v.detach() for k, v in out.losses.items()}}
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0:
-            n = resample_dead(self.sae, self.opt, x_BD, self.dead.dead(), self.generator)
+            n = resample_dead(self.sae, self.opt, x_BD, self.dead.dead(), self.generator, y_BD)
             self.last["resampled"] = torch.tensor(float(n))
         if cfg.resort_every and cfg.matryoshka != "none" and (step + 1) % cfg.resort_every == 0:
             self.resort()

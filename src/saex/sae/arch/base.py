@@ -18,6 +18,11 @@ class TrainContext:
     dead_S: torch.Tensor | None = None  # bool: latents that have not fired for the dead window
     generator: torch.Generator | None = None  # for random Matryoshka prefixes
     n_dead: int | None = None  # how many are dead as the host last counted them (None: count dead_S now)
+    target_BD: torch.Tensor | None = None  # a transcoder's target less its skip path (None: the input itself)
+
+    def target(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """What the code must reconstruct: the input (an SAE) or the transcoder's target."""
+        return x_BD if self.target_BD is None else self.target_BD
 
     def dead_count(self) -> int:
         """Dead latents on the host's count: the trainer's (recounted every few steps, sparing the GPU a
@@ -133,10 +138,10 @@ def weighted_l1(f_BS: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     return (f_BS @ w_S).mean()
 
 
-def dense_output(sae, x_BD, f_BS, losses: dict, extras=None) -> TrainOutput:
-    """TrainOutput of an architecture whose code is a dense [B, S] tensor."""
+def dense_output(sae, target_BD, f_BS, losses: dict, extras=None) -> TrainOutput:
+    """TrainOutput of an architecture whose code is a dense [B, S] tensor (target: TrainContext.target)."""
     x_hat = f_BS @ sae.W_dec + sae.b_dec
-    losses = {"mse": sum_sq(x_BD, x_hat), **losses}
+    losses = {"mse": sum_sq(target_BD, x_hat), **losses}
     active_BS = f_BS.detach().bool()
     return TrainOutput(x_hat, losses, fired_columns(active_BS), active_counts(active_BS, -1).float().mean(), extras or {})
 

@@ -44,14 +44,14 @@ class Gated(RoutedByDensity):
         return Code.from_dense((gate > 0) * torch.relu(mag))
 
     def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
-        gate = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, positive_code, select_dtype(self.cfg, x_BD))
+        gate = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_in, positive_code, select_dtype(self.cfg, x_BD))
         idx, B = gate.indices_N, len(x_BD)
         mag_N = torch.addcmul(self.b_mag[idx], torch.exp(self.r_mag)[idx], gate.values_N - sae.b_enc[idx])
         code = Bags(torch.relu(mag_N), idx, gate.offsets, sae.d_sae)
         x_hat = decode(sae.W_dec, code.values_N, idx, gate.offsets) + sae.b_dec
         gate_hat = decode(sae.W_dec.detach(), gate.values_N, idx, gate.offsets) + sae.b_dec.detach()
-        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * gate.values_N.sum() / B,
-                  "gate_aux": sum_sq(x_BD, gate_hat)}
+        losses = {"mse": sum_sq(ctx.target(x_BD), x_hat), "sparsity": ctx.sparsity_coefficient * gate.values_N.sum() / B,
+                  "gate_aux": sum_sq(ctx.target(x_BD), gate_hat)}
         l0 = active_counts(code.values_N.detach() != 0, 0).float() / B  # NaN counts, as the dense path's
         return TrainOutput(x_hat, losses, code.fired(), l0, {"open_gates": gate.offsets[-1].float() / B})
 
@@ -61,9 +61,9 @@ class Gated(RoutedByDensity):
         f_BS = open_BS * torch.relu(mag)
         gate_acts = torch.relu(gate)
         sparsity = gate_acts.sum(-1).mean()
-        aux = sum_sq(x_BD, gate_acts @ sae.W_dec.detach() + sae.b_dec.detach())
+        aux = sum_sq(ctx.target(x_BD), gate_acts @ sae.W_dec.detach() + sae.b_dec.detach())
         open_gates = active_counts(open_BS, -1).float().mean()
-        return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * sparsity, "gate_aux": aux},
+        return dense_output(sae, ctx.target(x_BD), f_BS, {"sparsity": ctx.sparsity_coefficient * sparsity, "gate_aux": aux},
                             {"open_gates": open_gates})
 
     def sparse_entries(self, out: TrainOutput) -> torch.Tensor:

@@ -161,12 +161,12 @@ class JumpReLU(RoutedByDensity):
 
     def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         *entries, probes_P, probe_indices, probe_offsets, l0_B = SparseJumpReLU.apply(
-            x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.threshold, self.cfg.jumprelu_bandwidth,
+            x_BD, sae.W_enc_SD, sae.b_enc, sae.b_in, self.threshold, self.cfg.jumprelu_bandwidth,
             select_dtype(self.cfg, x_BD))
         code = Bags(*entries, sae.d_sae)
         x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets)
         x_hat = probe_values(x_hat, sae.W_dec, probes_P, probe_indices, probe_offsets) + sae.b_dec
-        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
+        losses = {"mse": sum_sq(ctx.target(x_BD), x_hat), "sparsity": ctx.sparsity_coefficient * l0_B.mean()}
         return TrainOutput(x_hat, losses, code.fired(), l0_B.detach().mean())
 
     def dense_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
@@ -174,7 +174,7 @@ class JumpReLU(RoutedByDensity):
         eps = self.cfg.jumprelu_bandwidth
         f_BS = JumpReLUFn.apply(z_BS, self.threshold, eps)
         l0 = StepFn.apply(z_BS, self.threshold, eps).sum(-1).mean()
-        return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l0})
+        return dense_output(sae, ctx.target(x_BD), f_BS, {"sparsity": ctx.sparsity_coefficient * l0})
 
     def after_optimizer_step(self, sae) -> None:
         self.threshold.data.clamp_(min=1e-6)

@@ -49,13 +49,13 @@ class ProLU(RoutedByDensity):
     def sparse_forward(self, sae, x_BD, ctx: TrainContext) -> TrainOutput:
         b = sae.b_enc
         # m has no bias: the encoder's is a zero that asks for no gradient; b reaches f through ProLUFn
-        code = sparse_encode(x_BD, sae.W_enc_SD, torch.zeros_like(b, requires_grad=False), sae.b_dec,
+        code = sparse_encode(x_BD, sae.W_enc_SD, torch.zeros_like(b, requires_grad=False), sae.b_in,
                              lambda m: positive_code(m, -b), select_dtype(self.cfg, x_BD))
         f = Bags(ProLUFn.apply(code.values_N, b[code.indices_N], self.cfg.prolu_grad == "ste"), code.indices_N,
                  code.offsets, sae.d_sae)
         x_hat = decode(sae.W_dec, f.values_N, f.indices_N, f.offsets) + sae.b_dec
         l1 = (f.values_N * sae.W_dec.norm(dim=1)[f.indices_N]).sum() / len(x_BD)
-        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
+        losses = {"mse": sum_sq(ctx.target(x_BD), x_hat), "sparsity": ctx.sparsity_coefficient * l1}
         # counted on f, as the dense path counts: the gate may still close an entry (a NaN bias)
         return TrainOutput(x_hat, losses, f.fired(), active_counts(f.values_N.detach() != 0, 0).float() / len(x_BD))
 
@@ -63,7 +63,7 @@ class ProLU(RoutedByDensity):
         m = sae.pre_acts(x_BD, bias=False)
         f_BS = ProLUFn.apply(m, sae.b_enc, self.cfg.prolu_grad == "ste")
         l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))
-        return dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
+        return dense_output(sae, ctx.target(x_BD), f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
 
     def inference_state(self, sae):
         """m 1[m > max(-b, 0)] is SAELens' JumpReLU ReLU(z) 1[z > theta] with no encoder bias (z = m) and

@@ -28,11 +28,11 @@ class ReLU(RoutedByDensity):
         return not (self.cfg.ghost_grads and ctx.dead_count() > 0)  # ghost grads read every dead latent's z
 
     def sparse_forward(self, sae, x_BD, ctx: TrainContext):
-        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, positive_code, select_dtype(self.cfg, x_BD))
+        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_in, positive_code, select_dtype(self.cfg, x_BD))
         x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
         weights = sae.W_dec.norm(dim=1)[code.indices_N] if self.cfg.l1_variant == "april" else 1.0
         l1 = (code.values_N * weights).sum() / len(x_BD)
-        losses = {"mse": sum_sq(x_BD, x_hat), "sparsity": ctx.sparsity_coefficient * l1}
+        losses = {"mse": sum_sq(ctx.target(x_BD), x_hat), "sparsity": ctx.sparsity_coefficient * l1}
         return TrainOutput(x_hat, losses, code.fired(), code.offsets[-1].float() / len(x_BD))
 
     def dense_forward(self, sae, x_BD, ctx: TrainContext):
@@ -42,9 +42,9 @@ class ReLU(RoutedByDensity):
             l1 = weighted_l1(f_BS, sae.W_dec.norm(dim=1))
         else:  # decoder rows are kept at unit norm, so a plain L1
             l1 = f_BS.sum(-1).mean()
-        out = dense_output(sae, x_BD, f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
+        out = dense_output(sae, ctx.target(x_BD), f_BS, {"sparsity": ctx.sparsity_coefficient * l1})
         if self.cfg.ghost_grads and ctx.dead_count() > 0:
-            out.losses["ghost"] = ghost_grads_loss(sae, x_BD, out.x_hat_BD, z_BS, ctx.dead_S, out.losses["mse"])
+            out.losses["ghost"] = ghost_grads_loss(sae, ctx.target(x_BD), out.x_hat_BD, z_BS, ctx.dead_S, out.losses["mse"])
         return out
 
     def before_optimizer_step(self, sae) -> None:

@@ -42,19 +42,19 @@ class TopK(Architecture):
             if k_aux:  # the dead latents' top k_aux ride along in the same sparse encode
                 code, aux = self._sparse_with_aux(sae, x_BD, ctx.dead_S, k_aux)
             else:
-                code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, self.kept,
+                code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_in, self.kept,
                                      select_dtype(self.cfg, x_BD))
         else:
             z_BS = sae.pre_acts(x_BD)
             code = self.kept(z_BS)
             aux = aux_code(z_BS, ctx.dead_S, k_aux).bags() if k_aux else None
         x_hat = decode(sae.W_dec, code.values_N, code.indices_N, code.offsets) + sae.b_dec
-        losses = {"mse": (matryoshka_loss(sae, x_BD, code, self.cfg, ctx) if self.cfg.matryoshka != "none"
-                          else sum_sq(x_BD, x_hat))}
+        losses = {"mse": (matryoshka_loss(sae, ctx.target(x_BD), code, self.cfg, ctx) if self.cfg.matryoshka != "none"
+                          else sum_sq(ctx.target(x_BD), x_hat))}
         if self.cfg.multi_topk:
-            losses["multi_topk"] = sum_sq(x_BD, sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
+            losses["multi_topk"] = sum_sq(ctx.target(x_BD), sae.decode(self.select(z_BS, min(4 * self.cfg.k, sae.d_sae)))) / 8
         if aux is not None:
-            losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, x_BD, x_hat, aux, ctx.dead_S)
+            losses["auxk"] = self.cfg.aux_coefficient * auxk_loss(sae, ctx.target(x_BD), x_hat, aux, ctx.dead_S)
         return TrainOutput(x_hat, losses, code.fired(), code.l0().mean())
 
     def _sparse_with_aux(self, sae, x_BD, dead_S, k_aux: int) -> tuple[Bags, Bags]:
@@ -68,7 +68,7 @@ class TopK(Architecture):
             parts["offsets"] = kept.offsets, aux.offsets
             return joined
 
-        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_dec, select, select_dtype(self.cfg, x_BD))
+        code = sparse_encode(x_BD, sae.W_enc_SD, sae.b_enc, sae.b_in, select, select_dtype(self.cfg, x_BD))
         return tuple(Bags(code.values_N[parts[name]], code.indices_N[parts[name]], offsets, sae.d_sae)
                      for name, offsets in zip(("kept", "aux"), parts["offsets"]))
 
