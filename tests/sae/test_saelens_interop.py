@@ -33,6 +33,39 @@ def test_saelens_loads_saex_saes(arch, tmp_path):
     assert load_sae(tmp_path / arch).cfg.architecture == arch  # and saex reads back its own architecture
 
 
+@pytest.mark.parametrize("arch, skip, theirs", [("relu", False, "Transcoder"), ("relu", True, "SkipTranscoder"),
+                                                ("jumprelu", False, "JumpReLUTranscoder"),
+                                                ("jumprelu", True, "JumpReLUSkipTranscoder")])
+def test_saelens_loads_saex_transcoders(arch, skip, theirs, tmp_path):
+    sae = random_sae(arch, 16, 48, 6, transcoder=True, d_out=12, skip=skip)
+    save_sae(sae, tmp_path / "t", {"hook": "blocks.1.hook_mlp_in", "target_hook": "blocks.1.hook_mlp_out"})
+    loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "t"), device="cpu")
+    assert type(loaded).__name__ == theirs and loaded.cfg.d_out == 12
+    x = torch.randn(20, 16)
+    with torch.no_grad():
+        their_f, ours_f = loaded.encode(x), sae.encode(x).dense()
+        assert (their_f != 0).sum() > 0
+        torch.testing.assert_close(their_f, ours_f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(x), sae(x), atol=1e-5, rtol=1e-5)
+    back = load_sae(tmp_path / "t")  # and saex reads its own back
+    assert back.cfg.transcoder and back.cfg.skip == skip and back.d_out == 12
+    torch.testing.assert_close(back(x), sae(x), atol=1e-6, rtol=1e-6)
+
+
+def test_saex_reads_saelens_transcoders(tmp_path):
+    cfg = sae_lens.SkipTranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=10, apply_b_dec_to_input=False)
+    theirs = sae_lens.SkipTranscoder(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    ours = load_sae(_saved(theirs, tmp_path / "s"))
+    assert ours.cfg.transcoder and ours.cfg.skip and ours.cfg.architecture == "relu"
+    x = torch.randn(32, D_IN)
+    with torch.no_grad():
+        assert _rel_err(ours(x), theirs(x)) <= 1e-5 and _rel_err(ours.encode(x).dense(), theirs.encode(x)) <= 1e-5
+
+
 def _saelens_sae(arch: str, seed: int = 0, **fields):
     """A SAELens inference SAE with random weights that make each field matter: encoder biases, decoder rows of
     unequal norms, JumpReLU thresholds of both signs."""

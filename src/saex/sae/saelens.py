@@ -40,7 +40,7 @@ TENSORS = {
     "prolu": ("W_enc", "b_enc", "W_dec", "b_dec"),
 }
 SAELENS_TO_SAEX = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-_TRANSCODER = re.compile(r"^(?:(\w+?)_)?(skip_)?transcoder$")  # [kind_][skip_]transcoder; no kind: standard
+_TRANSCODER = re.compile(r"^(?:(?!skip_)(\w+?)_)?(skip_)?transcoder$")  # [kind_][skip_]transcoder; no kind: standard
 
 
 def transcoder_name(kind: str, skip: bool) -> str:
