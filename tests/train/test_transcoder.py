@@ -140,3 +140,36 @@ def test_bad_transcoder_flags_are_one_line(runs, flags, words, capsys):
     run = runs[0]["sparse"]
     assert main(["train", "--run", str(run), "--hook", HOOKS[0], "--steps", "2", "--name", "bad", *flags]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_transcoder_equal_to_the_mlp_leaves_the_loss_unchanged(tmp_path, tiny_model_dir):
+    """A ReLU GPT-2's MLP is c_proj(relu(c_fc x)): exactly a ReLU transcoder from mlp_in to mlp_out. Spliced in by
+    saex eval, it must leave the next-token loss as it is (loss recovered 1) and reconstruct mlp_out (FVU ~0)."""
+    import transformers
+
+    from saex.sae.io import save_sae
+
+    folder = tmp_path / "relu-gpt2"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir["gpt2"])
+    model.config.activation_function = "relu"
+    model = transformers.AutoModelForCausalLM.from_config(model.config)  # GELU -> ReLU in a fresh module tree
+    model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir["gpt2"]).state_dict())
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir["gpt2"]).save_pretrained(folder)
+    run = tmp_path / "run"
+    assert main(["harvest", "--run", str(run), "--model", str(folder), "--dataset", "wiki", "--max-examples", "30",
+                 "--hook", *HOOKS]) == 0
+    mlp = model.transformer.h[1].mlp
+    d_mlp = mlp.c_fc.weight.shape[1]
+    sae = SAE(SAEConfig(d_in=D, d_sae=d_mlp, architecture="relu", transcoder=True, d_out=D),
+              metadata={"model": str(folder), "hook": HOOKS[0], "target_hook": HOOKS[1]})
+    with torch.no_grad():  # GPT-2's Conv1D computes x W + b with W [in, out]: SAELens' W_enc and W_dec layouts
+        sae.W_enc.copy_(mlp.c_fc.weight)
+        sae.b_enc.copy_(mlp.c_fc.bias)
+        sae.W_dec.copy_(mlp.c_proj.weight)
+        sae.b_dec.copy_(mlp.c_proj.bias)
+    save_sae(sae, run / "saes" / "exact")
+    assert main(["eval", "--run", str(run), "--examples", "20", "--no-probing"]) == 0
+    m = json.loads((run / "saes" / "exact" / "metrics.json").read_text())
+    assert m["target_hook"] == HOOKS[1] and m["fvu"] < 1e-6, m["fvu"]
+    assert abs(m["downstream"]["loss_recovered"] - 1) < 1e-4 and m["downstream"]["kl"] < 1e-6, m["downstream"]

@@ -14,6 +14,7 @@ from saex.atomic import atomic_write_json
 from saex.data import UnreadableExample, reopen
 from saex.eval.metrics import ReconstructionStats
 from saex.eval.plots import density_plot, pareto_plot
+from saex.eval.probing import ProbeRows, summary_line
 from saex.eval.splice import SpliceStats
 from saex.models import load_model
 from saex.models.heads import head_kind, head_output, prompt_features
@@ -37,6 +38,8 @@ class EvalConfig:
     """Examples per forward pass."""
     downstream: bool = True
     """Also splice each SAE into the model and measure the downstream loss."""
+    probing: bool = True
+    """Also fit sparse probes (top-k latents vs raw activations, per label) when the examples have labels."""
     device: str = "auto"
     """cpu, cuda, ...; auto picks cuda when there is one."""
 
@@ -72,12 +75,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         return _finish(run, cfg, folders, _evaluate_toy(run, manifest, cfg, saes, folders))
     adapter = load_model(manifest["model"], device)
     points = {name: adapter.hook(sae.metadata.get("hook") or manifest["hooks"][0]) for name, sae in saes.items()}
+    # a transcoder is scored on the hook it reconstructs, and spliced there (reading its input in the same pass)
+    targets = {name: adapter.hook(sae.metadata["target_hook"]) if sae.cfg.transcoder else points[name]
+               for name, sae in saes.items()}
     dataset, indices = _held_out(manifest, cfg)
     kind = head_kind(adapter) if cfg.downstream else None
     prompts = prompt_features(adapter, manifest["label_names"]) if kind == "zero_shot" else None
     recon = {n: ReconstructionStats(s.d_sae) for n, s in saes.items()}
     splice = {n: SpliceStats(kind) for n in saes} if kind else {}
-    hooks = sorted(set(points.values()), key=lambda h: h.order)
+    hooks = sorted(set(points.values()) | set(targets.values()), key=lambda h: h.order)
+    probe = ProbeRows() if cfg.probing else None  # saex.eval.probing: pooled codes and activations per example
 
     bar = progress(len(indices), f"eval {len(saes)} SAEs", "ex")
     for start in range(0, len(indices), cfg.batch_size):
@@ -95,22 +102,33 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         n_tokens = next(iter(acts.values())).shape[1]
         mask_BT = adapter.select(batch, n_tokens, manifest["tokens"]).to(adapter.device)
         labels = torch.tensor([e.label for e in examples], device=adapter.device)
+        rows_T = probe.add_batch(mask_BT, labels) if probe else None
         for name, sae in saes.items():
             x = acts[points[name].name][mask_BT].float()
             code = sae.encode(x)
-            recon[name].update(x, sae.decode(code), code.dense())
+            skip = sae.skip_out(x)
+            recon[name].update(acts[targets[name].name][mask_BT].float(),
+                               sae.decode(code) + (0 if skip is None else skip), code.dense())
+            if probe:
+                probe.add(name, code, x, rows_T)
         if not kind:
             continue
         run_head = lambda: head_output(adapter, batch, kind, prompts)  # noqa: E731
         clean = run_head()
-        zeros = {h: adapter.run_edited(run_head, h, lambda a: a.masked_fill(mask_BT[..., None], 0)) for h in hooks}
+        zeros = {h: adapter.run_edited(run_head, h, lambda a: a.masked_fill(mask_BT[..., None], 0))
+                 for h in set(targets.values())}
         for name, sae in saes.items():
-            def through_sae(a, sae=sae):
+            seen = {}  # a transcoder's input, recorded where the pass reaches it, before its target
+
+            def through_sae(a, sae=sae, seen=seen):
                 out = a.clone()
-                out[mask_BT] = sae(a[mask_BT].float()).to(a.dtype)
+                out[mask_BT] = sae(seen.get("input", a)[mask_BT].float()).to(a.dtype)
                 return out
-            spliced = adapter.run_edited(run_head, points[name], through_sae)
-            splice[name].update({"clean": clean, "sae": spliced, "zero": zeros[points[name]],
+            edits = {targets[name]: through_sae}
+            if sae.cfg.transcoder:
+                edits = {points[name]: lambda a, seen=seen: seen.update(input=a), **edits}
+            spliced = adapter.run_hooked(run_head, edits)
+            splice[name].update({"clean": clean, "sae": spliced, "zero": zeros[targets[name]],
                                  "input_ids": batch.inputs.get("input_ids")}, labels,
                                 batch.inputs.get("attention_mask"))  # on the model's device, like the logits
     bar.close()
@@ -118,9 +136,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
     metrics = {}
     for name in saes:
         m = {"sae": name, "architecture": saes[name].cfg.architecture, "hook": points[name].name,
+             **({"target_hook": targets[name].name} if saes[name].cfg.transcoder else {}),
              "d_sae": saes[name].d_sae, "examples": len(indices), **recon[name].result()}
         if kind:
             m["downstream"] = splice[name].result()
+        probed = probe.result(name, manifest.get("label_names")) if probe else None
+        if probed:
+            m["probing"] = probed
         metrics[name] = m
     return _finish(run, cfg, folders, metrics)
 
@@ -199,4 +221,7 @@ def _print_table(results: dict[str, dict]) -> None:
         print(f"{name:28s} {m['l0']:8.1f} {m['fvu']:7.4f} {m['cosine']:6.3f} {100 * m['dead_frac']:6.1f} "
               f"{d.get('loss_recovered', float('nan')):9.3f} {d.get('kl', float('nan')):8.4f}"
               + (f"  MCC {m['gt_mcc']:.3f}" if "gt_mcc" in m else ""))
+    for name, m in results.items():
+        if "probing" in m:
+            print(f"{name}: {summary_line(m['probing'])}")
     print(json.dumps({n: {"l0": round(m["l0"], 2), "fvu": round(m["fvu"], 4)} for n, m in results.items()}))

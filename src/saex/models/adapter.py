@@ -180,11 +180,17 @@ class ModelAdapter:
     @torch.inference_mode()
     def run_edited(self, run, point: HookPoint, edit):
         """run() with the activations at `point` replaced by edit(acts) (no edit when `edit` is None)."""
-        handle = self._register(point, edit) if edit is not None else None
+        return self.run_hooked(run, {point: edit} if edit is not None else {})
+
+    @torch.inference_mode()
+    def run_hooked(self, run, hooks: dict[HookPoint, object]):
+        """run() with fn(acts) called at each point of `hooks` (in the order the forward pass reaches them);
+        a tensor it returns replaces the activations downstream (a transcoder reads one point, writes another)."""
+        handles = [self._register(point, fn) for point, fn in hooks.items()]
         try:
             return run()
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
 
     @torch.inference_mode()
