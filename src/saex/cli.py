@@ -95,6 +95,12 @@ def _attribute_cmd():
     return AttributeConfig, run_attribute
 
 
+def _tree_cmd():
+    from saex.analysis.tree_command import TreeConfig, run_tree
+
+    return TreeConfig, run_tree
+
+
 def _demo_cmd():
     from saex.demo import DemoConfig, demo
 
@@ -115,6 +121,8 @@ COMMANDS = {
              "writes RUN/experiments/<sae>/<example>-<hash>/.", _edit_cmd),
     "attribute": ("Which pixels or tokens of one input cause a feature (integrated gradients, gradient x input, "
                   "occlusion); writes RUN/experiments/<sae>/.", _attribute_cmd),
+    "tree": ("Feature trees: link each latent of a wider SAE (or of a Matryoshka SAE's later groups) to its "
+             "parents by directed masked cosine; writes RUN/trees/<name>.json.", _tree_cmd),
     "demo": ("Run the pipeline on an embedded default (fmnist-vit on Fashion-MNIST; --text for minilm).",
              _demo_cmd),
     "zoo": ("List, train or locate the embedded default models.", lambda: (ZooConfig, run_zoo)),

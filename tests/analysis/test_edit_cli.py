@@ -159,6 +159,14 @@ def test_text_the_cli_matches_experiment_and_writes_no_png_for_an_embedding(text
     assert _json(tmp_path / "t" / "effect.json")["effect"] == pytest.approx(got["effect"], abs=1e-5)
 
 
+def _rounded(v):
+    if isinstance(v, float):
+        return float(f"{v:.5g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return [_rounded(x) for x in v] if isinstance(v, list) else v
+
+
 def test_a_causal_lm_gets_its_continuation_and_a_token_figure(tiny_model_dir, tmp_path_factory, capsys):
     exp = _build(tmp_path_factory.mktemp("edit_gpt2"), str(tiny_model_dir["gpt2"]), "wiki", "content",
                  "blocks.1.hook_resid_post", 30)
@@ -168,7 +176,9 @@ def test_a_causal_lm_gets_its_continuation_and_a_token_figure(tiny_model_dir, tm
     assert _edit(exp, "--example", str(short), "--add", "5=8", "--positions", "2,3", out=out / "o") == 0
     got = _json(out / "o" / "effect.json")
     want = exp.effect(str(short), [Edit("add", [5], 8.0, positions=[2, 3])], neighbours=4)
-    assert got == json.loads(json.dumps(want)) and got["readout"] == "next_token" and got["effect"]["kl"] > 0
+    # the CLI and the API agree up to float32 rounding (their passes may run on other thread counts)
+    assert _rounded(got) == _rounded(json.loads(json.dumps(want)))
+    assert got["readout"] == "next_token" and got["effect"]["kl"] > 0
     printed = capsys.readouterr().out
     assert f"continuation  clean:  {got['continuation']['clean']!r}" in printed
     assert f"edited: {got['continuation']['edited']!r}" in printed

@@ -160,8 +160,13 @@ def _newton(X_LNF, y_LN, C, max_iter, tol):
         p_LN = torch.sigmoid(z_LN)
         grad = C * (Z_LNF.transpose(1, 2) @ (s_LN * (p_LN - y_LN))[..., None])[..., 0] + penalty * theta
         H = C * Z_LNF.transpose(1, 2) @ (Z_LNF * (s_LN * p_LN * (1 - p_LN))[..., None]) + torch.diag(penalty)
-        step = torch.linalg.solve(H + 1e-12 * torch.eye(F + 1, dtype=torch.float64), grad)
-        step[done] = 0
+        H = H + 1e-9 * torch.eye(F + 1, dtype=torch.float64)
+        bad = ~(torch.isfinite(H).all((1, 2)) & torch.isfinite(grad).all(1))
+        H[bad], grad[bad] = torch.eye(F + 1, dtype=torch.float64), 0.0  # a label whose fit broke stops here
+        step, info = torch.linalg.solve_ex(H, grad)
+        singular = info != 0  # (near-)singular H: a gradient step scaled by its diagonal instead
+        step[singular] = grad[singular] / H[singular].diagonal(dim1=1, dim2=2).clamp_min(1e-9)
+        step[done | bad] = 0
         # the objective along the step at the step sizes `halvings` (logits are linear in the step size):
         # the full step first, and all of them only when the full step fails to descend for some label
         dz_LN = (Z_LNF @ step[..., None])[..., 0]
@@ -208,7 +213,7 @@ def fit_probes(X_train_LNF: torch.Tensor, y_train_LN: torch.Tensor, X_test_LMF: 
 def _fit_probes(X_train_LNF, y_train_LN, X_test_LMF, y_test_LM) -> list[dict]:
     mean = X_train_LNF.mean(1, keepdim=True)
     std = X_train_LNF.std(1, unbiased=False, keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))
+    std = torch.where(std > 1e-8 * (mean.abs() + 1), std, torch.ones_like(std))  # constant features stay 0
     X_train_LNF, X_test_LMF = (X_train_LNF - mean) / std, (X_test_LMF - mean) / std
     if X_train_LNF.shape[2] > X_train_LNF.shape[1]:
         # more features than rows: the optimal weights are a combination of the training rows (the

@@ -157,8 +157,14 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
 
     def filters(request: Request) -> Filters:
         flag = lambda name: request.query_params.get(name, "") in ("true", "1", "on")  # noqa: E731
+        lens_class = request.query_params.get("lens_class", "").strip() or None  # a class of this index's taxonomy
+        valid = list((db.meta.get("lens") or {}).get("counts", {}))
+        if lens_class is not None and lens_class not in valid:
+            raise HTTPException(400, f"lens_class={shown(lens_class)} is not valid; valid: {', '.join(valid)}" if valid
+                                else "this index has no lens taxonomy (built with --no-lens, from a toy store, or by an older saex)")
         return Filters(flag("entropy"), flag("hide_cluster"), number(request, "dmin", float, *LOG10_RANGE),
-                       number(request, "dmax", float, *LOG10_RANGE), number(request, "label", int, *labels))
+                       number(request, "dmax", float, *LOG10_RANGE), number(request, "label", int, *labels),
+                       lens_class=lens_class)
 
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request):
@@ -230,6 +236,9 @@ def create_app(run: str | Path, sae: str | None = None) -> FastAPI:
         return f
 
     experiments.register(app, run, db, page, number, templates.env.globals["asset"])
+    from saex.explorer import tree_view  # feature trees: /tree, and the feature page's parents and children
+
+    tree_view.register(app, run, db, page, templates.env)
     heat = {}
 
     @app.get("/api/example/{ex}/patches")

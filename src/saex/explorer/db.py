@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sqlite3
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Filters:
     min_log_density: float | None = None
     max_log_density: float | None = None
     label: int | None = None
+    lens_class: str | None = None  # the decoder's logit-weight class (lens_stats; analysis/taxonomy.py)
 
     def sql(self) -> tuple[str, list]:
         where, args = ["density > 0"], []
@@ -47,6 +49,9 @@ class Filters:
         if self.label is not None:
             where.append("top_label = ?")
             args.append(self.label)
+        if self.lens_class is not None:  # a primary-key probe per candidate: the navigator stops at the first hit
+            where.append("EXISTS (SELECT 1 FROM lens_stats t WHERE t.feature = features.id AND t.lens_class = ?)")
+            args.append(self.lens_class)
         return " AND ".join(where), args
 
 
@@ -59,6 +64,8 @@ class IndexDB:
             self.tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             # an index built before the ablation pass has no table, one built with --no-ablation an empty one
             self.has_ablation = "ablation" in self.tables and db.execute("SELECT 1 FROM ablation LIMIT 1").fetchone() is not None
+            # the lens likewise: no table before it existed, empty with --no-lens or for a toy store
+            self.has_lens = "lens_stats" in self.tables and db.execute("SELECT 1 FROM lens_stats LIMIT 1").fetchone() is not None
         self.label_names = self.meta.get("label_names") or []
 
     def _connect(self) -> sqlite3.Connection:
@@ -86,6 +93,29 @@ class IndexDB:
         for lab in out["labels"]:
             lab["name"] = self.label_name(lab["label"])
         out["top_label_name"] = self.label_name(out["top_label"])
+        out["lens"] = self.lens(j)
+        return out
+
+    def lens(self, j: int) -> dict | None:
+        """Feature j through the model's readout (analysis/lens.py): for its decoder and encoder vectors the outputs
+        promoted and suppressed most ({"dec": {"top": [{name, weight}], "bottom": [...]}, "enc": ...}), and the
+        decoder's logit-weight statistics, class and histogram; None without the tables."""
+        if not self.has_lens or not is_row_id(j):
+            return None
+        with self._connect() as db:
+            stats = db.execute("SELECT * FROM lens_stats WHERE feature = ?", (j,)).fetchone()
+            if stats is None:
+                return None
+            rows = db.execute("SELECT l.vector, l.rank, l.weight, o.name FROM lens l JOIN lens_outputs o ON o.output = "
+                              "l.output WHERE l.feature = ? ORDER BY l.vector, l.rank", (j,)).fetchall()
+        out = dict(stats)
+        out["hist"] = json.loads(out["hist"]) if out["hist"] else []
+        peak = math.log1p(max(out["hist"], default=0)) or 1.0  # bar heights in log(1 + count): the tails show
+        out["hist_height"] = [math.log1p(c) / peak for c in out["hist"]]
+        for vector in ("dec", "enc"):
+            mine = [r for r in rows if r["vector"] == vector]
+            out[vector] = {"top": [{"name": r["name"], "weight": r["weight"]} for r in mine if r["rank"] >= 0],
+                           "bottom": [{"name": r["name"], "weight": r["weight"]} for r in reversed(mine) if r["rank"] < 0]}
         return out
 
     def ablation(self, j: int) -> dict | None:

@@ -41,4 +41,18 @@ CREATE INDEX feature_examples_by_example ON feature_examples (example);
 CREATE INDEX features_by_density ON features (density);
 CREATE INDEX features_by_label ON features (top_label);
 CREATE INDEX ablation_outputs_by_feature ON ablation_outputs (feature);
+-- the feature lens (analysis/lens.py): decoder and encoder vectors read through the model's readout; empty with
+-- --no-lens or without a model (toy stores)
+CREATE TABLE lens (feature INTEGER NOT NULL, vector TEXT NOT NULL,   -- vector: dec | enc
+                   rank INTEGER NOT NULL,    -- 0, 1, ...: promoted most first; -1, -2, ...: suppressed most first
+                   output INTEGER NOT NULL,  -- token id, class or label prompt (lens_outputs)
+                   weight REAL NOT NULL,     -- logit (unembedding, classifier) or cosine (input embeddings, prompts)
+                   PRIMARY KEY (feature, vector, rank)) WITHOUT ROWID;
+CREATE TABLE lens_outputs (output INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE lens_stats (feature INTEGER PRIMARY KEY,
+                         skew REAL, kurtosis REAL,  -- of the decoder's weights over all outputs (Fisher kurtosis)
+                         lens_class TEXT,           -- prediction | suppression | partition | none (analysis/taxonomy.py)
+                         weights_cos REAL,          -- cosine of the decoder's and the encoder's weights
+                         hist_lo REAL, hist_hi REAL, hist TEXT);  -- the decoder's weights: JSON counts, equal bins
+CREATE INDEX lens_stats_by_class ON lens_stats (lens_class);
 """

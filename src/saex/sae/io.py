@@ -94,7 +94,8 @@ def load_sae(folder: str | Path, device: str = "cpu") -> SAE:
     optional = saelens.LEGACY_TENSORS if c.legacy else ()
     what = cfg.get("architecture") if c.transcoder else c.architecture
     tensors = _read_tensors(path, c.shapes(), f"a {what!r} {'transcoder' if c.transcoder else 'SAE'} (as {CFG} says)",
-                            f"{CFG}'s d_in={c.d_in}, d_sae={c.d_sae}" + (f" and d_out={c.d_out}" if c.transcoder else ""),
+                            f"{CFG}'s d_in={c.d_in}" + (f", d_sae={c.d_sae} and d_out={c.d_out}" if c.transcoder
+                                                       else f" and d_sae={c.d_sae}"),
                             c.dtype, optional)
     if "scaling_factor" in tensors:
         if not torch.equal(tensors.pop("scaling_factor"), torch.ones(c.d_sae)):
