@@ -257,7 +257,7 @@ def plot(results: list[dict], path: Path, title: str, reference: bool) -> None:
         ax.scatter([x + 0.2 for x, _ in ref], [f1 for _, (f1, _) in ref], marker="_", s=600, linewidths=2.5,
                    color="#8b0000", zorder=3, label="reference F1 (200M samples)")
     for x, r in zip(xs, results):
-        ax.text(x, 0.02, f"L0 {r['l0']:.1f}", ha="center", va="bottom", fontsize=7, color="white")
+        ax.text(x, max(r["mcc"], r["f1"]) + 0.01, f"L0 {r['l0']:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), names, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
