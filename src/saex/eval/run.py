@@ -106,9 +106,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict]:
         for name, sae in saes.items():
             x = acts[points[name].name][mask_BT].float()
             code = sae.encode(x)
-            skip = sae.skip_out(x)
-            recon[name].update(acts[targets[name].name][mask_BT].float(),
-                               sae.decode(code) + (0 if skip is None else skip), code.dense())
+            recon[name].update(acts[targets[name].name][mask_BT].float(), sae.reconstruct(x, code), code.dense())
             if probe:
                 probe.add(name, code, x, rows_T)
         if not kind:

@@ -79,8 +79,11 @@ class SAE(nn.Module):
         return out + self.b_dec if bias else out
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """The reconstruction of x (an SAE) or of the target (a transcoder, its skip path included)."""
-        out = self.decode(self.encode(x_BD))
+        return self.reconstruct(x_BD, self.encode(x_BD))
+
+    def reconstruct(self, x_BD: torch.Tensor, code: Code) -> torch.Tensor:
+        """The reconstruction of x (an SAE) or of the target (a transcoder, its skip path included) from x's code."""
+        out = self.decode(code)
         skip = self.skip_out(x_BD)
         return out if skip is None else out + skip
 
